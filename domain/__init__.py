@@ -1,0 +1,9 @@
+"""The write side of ledgercore: aggregates, their events and the command handlers.
+
+May import: the standard library and ``eventsourcing``. Nothing else of ours:
+``projections``, ``consumers``, ``api`` and ``infra`` depend on this package, never
+the other way round. Importing the package registers every event class under its
+stable topic, so stored events always resolve.
+"""
+
+from domain import billing, idempotency  # noqa: F401  (registers stable topics)
