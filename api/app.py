@@ -1,0 +1,72 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from api import errors
+from api.cache import ReadCache
+from api.commands import billing as billing_commands
+from api.contract import served_document
+from api.middleware import RequestContext
+from api.queries import billing as billing_queries
+from api.queries import health
+from consumers.direct import DirectProjector
+from infra.db import Stores
+from infra.settings import Settings
+
+ROUTERS = (health.router, billing_commands.router, billing_queries.router)
+
+
+def implemented_routes() -> dict[str, tuple[str, str]]:
+    """operationId -> (METHOD, path) for every route we serve."""
+    found = {}
+    for router in ROUTERS:
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route.operation_id:
+                for method in route.methods:
+                    found[route.operation_id] = (method, route.path)
+    return found
+
+
+def create_app(settings: Settings, stores: Stores | None = None) -> FastAPI:
+    """``stores`` may be passed in (tests share one); otherwise it is opened and closed
+    with the app. With the direct transport the app also runs the projector."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = stores is None
+        app.state.stores = stores or Stores.open(settings)
+        app.state.cache = ReadCache(settings.redis_url, settings.redis_prefix,
+                                    settings.cache_ttl_seconds)
+        app.state.projector = None
+        if settings.transport == "direct" and settings.run_projector:
+            app.state.projector = DirectProjector(
+                app.state.stores.app, app.state.stores.read_models, settings.pg_dsn or "").start()
+        try:
+            yield
+        finally:
+            if app.state.projector is not None:
+                app.state.projector.stop()
+            app.state.cache.close()
+            if owned:
+                app.state.stores.close()
+
+    app = FastAPI(title="ledgercore", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    for router in ROUTERS:
+        app.include_router(router)
+    errors.install(app)
+    document = served_document(set(implemented_routes()))
+
+    def openapi() -> dict[str, Any]:
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    return app

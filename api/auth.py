@@ -1,0 +1,145 @@
+"""Bearer JWT (HS256) authentication, capabilities and project scoping.
+
+Claims: ``sub`` (user or service-account uuid), ``tenant_id``, ``project_ids`` (the
+caller's project memberships), ``project_id`` (a service account's one project),
+``role`` (``user``|``admin``), ``platform_roles``, ``capabilities``, ``actor_type``
+(``user``|``service_account``), ``exp``. Order of checks (api-conventions §2.5):
+401 for the token, 400 for a malformed ``X-Project-ID``, then 403 for scope and role.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from fastapi import Request
+
+from api.errors import ApiError
+
+ISSUER = "ledgercore"
+ALL_CAPABILITIES = ("platform.admin", "platform.ops.read", "platform.ops.write",
+                    "platform.ops.runbook.read", "platform.node.read", "platform.audit.read")
+ROLE_CAPABILITIES = {
+    "platform_superadmin": ALL_CAPABILITIES,
+    "platform_ops": ("platform.ops.read", "platform.ops.write", "platform.ops.runbook.read",
+                     "platform.node.read", "platform.audit.read"),
+    "platform_user": (),
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: uuid.UUID
+    tenant_id: uuid.UUID | None
+    role: str
+    actor_type: str
+    project_ids: frozenset[uuid.UUID]
+    token_project_id: uuid.UUID | None
+    platform_roles: tuple[str, ...]
+    capabilities: frozenset[str]
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    @property
+    def scope_key(self) -> str:
+        """Everything that changes what this caller may see, for cache keys."""
+        roles = ",".join(sorted(self.platform_roles))
+        caps = ",".join(sorted(self.capabilities))
+        return f"{self.user_id}:{self.tenant_id or '-'}:{self.role}:{roles}:{caps}"
+
+
+def mint_token(secret: str, *, user_id: uuid.UUID | str, tenant_id: uuid.UUID | str | None = None,
+               project_ids: list[str] | None = None, project_id: str | None = None,
+               role: str = "user", platform_roles: list[str] | None = None,
+               actor_type: str = "user", ttl_seconds: int = 3600,
+               capabilities: list[str] | None = None) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": ISSUER, "sub": str(user_id), "iat": now, "exp": now + ttl_seconds,
+        "role": role, "actor_type": actor_type,
+        "platform_roles": platform_roles or [], "project_ids": project_ids or [],
+    }
+    if tenant_id:
+        claims["tenant_id"] = str(tenant_id)
+    if project_id:
+        claims["project_id"] = str(project_id)
+    if capabilities:
+        claims["capabilities"] = capabilities
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return uuid.UUID(str(value))
+
+
+def principal_from_token(token: str, secret: str) -> Principal:
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"], issuer=ISSUER,
+                            options={"require": ["exp", "sub", "iss"]})
+    except jwt.ExpiredSignatureError:
+        raise ApiError(401, "token_expired", "the bearer token has expired") from None
+    except jwt.PyJWTError:
+        raise ApiError(401, "token_invalid", "the bearer token is not valid") from None
+    try:
+        role = str(claims.get("role", "user"))
+        platform_roles = tuple(str(r) for r in claims.get("platform_roles", []))
+        capabilities = set(str(c) for c in claims.get("capabilities", []))
+        for platform_role in platform_roles:
+            capabilities.update(ROLE_CAPABILITIES.get(platform_role, ()))
+        if role == "admin":
+            capabilities.update(ALL_CAPABILITIES)
+        actor_type = str(claims.get("actor_type", "user"))
+        if actor_type not in ("user", "service_account") or role not in ("user", "admin"):
+            raise ValueError("unknown actor type or role")
+        return Principal(
+            user_id=_uuid(claims["sub"]),
+            tenant_id=_uuid(claims["tenant_id"]) if claims.get("tenant_id") else None,
+            role=role,
+            actor_type=actor_type,
+            project_ids=frozenset(_uuid(p) for p in claims.get("project_ids", [])),
+            token_project_id=_uuid(claims["project_id"]) if claims.get("project_id") else None,
+            platform_roles=platform_roles,
+            capabilities=frozenset(capabilities),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise ApiError(401, "token_invalid", "the bearer token's claims are not valid") from None
+
+
+def authenticate(request: Request) -> Principal:
+    """FastAPI dependency: the caller, or 401."""
+    header = request.headers.get("authorization")
+    if not header:
+        raise ApiError(401, "token_missing", "a bearer token is required")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "token_invalid", "the Authorization header must be 'Bearer <token>'")
+    return principal_from_token(token.strip(), request.app.state.settings.jwt_secret)
+
+
+def require(principal: Principal, capability: str) -> None:
+    if not principal.can(capability):
+        code = "admin_required" if capability == "platform.admin" else "insufficient_permissions"
+        raise ApiError(403, code, f"this operation needs the {capability} capability")
+
+
+def project_scope(request: Request, principal: Principal) -> uuid.UUID:
+    """Resolve ``X-Project-ID`` for an operation that takes ``ProjectIdHeader``.
+
+    Missing or not a uuid → 400; not a member, unknown project, or a service-account
+    token for another project → 403 with the same body, so nothing is revealed."""
+    raw = request.headers.get("x-project-id")
+    try:
+        project = uuid.UUID(raw or "")
+    except ValueError:
+        raise ApiError(400, "validation_error", "X-Project-ID must be a uuid",
+                       header="X-Project-ID") from None
+    if principal.actor_type == "service_account":
+        if principal.token_project_id != project:
+            raise ApiError(403, "token_scope_invalid", "the token is not valid for this project")
+    elif project not in principal.project_ids:
+        raise ApiError(403, "insufficient_permissions", "no access to this project")
+    return project

@@ -1,0 +1,95 @@
+"""The contract's ``ErrorResponse`` for every error, FastAPI's included (400, never 422)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from domain.errors import DomainError
+
+log = logging.getLogger("ledgercore.api")
+
+#: HTTP status for each domain error code (api-conventions §5.3, billing §6)
+DOMAIN_STATUS = {
+    "invalid_request": 400,
+    "insufficient_balance": 400,
+    "user_not_found": 404,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **details: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def correlation_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("correlation_id") or "unknown"
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None,
+               correlation: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message, "correlation_id": correlation}
+    if details:
+        body["details"] = details
+    return body
+
+
+def domain_error_status(error: DomainError) -> int:
+    if error.details.get("reason") in ("concurrent_update", "idempotency_key_reused"):
+        return 409
+    return DOMAIN_STATUS.get(error.code, 400)
+
+
+def render_domain_error(error: DomainError, correlation: str) -> dict[str, Any]:
+    return {"status": domain_error_status(error),
+            "body": error_body(error.code, error.message, error.details, correlation)}
+
+
+def _json(status: int, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body)
+
+
+def _location(loc: tuple[Any, ...]) -> tuple[str, str]:
+    where = str(loc[0]) if loc else "body"
+    field = ".".join(str(part) for part in loc[1:]) or where
+    return where, field
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _json(exc.status, error_body(exc.code, exc.message, exc.details,
+                                            correlation_id(request)))
+
+    @app.exception_handler(DomainError)
+    async def domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        rendered = render_domain_error(exc, correlation_id(request))
+        return _json(rendered["status"], rendered["body"])
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = []
+        for err in exc.errors():
+            where, field = _location(tuple(err.get("loc", ())))
+            fields.append({"location": where, "field": field,
+                           "reason": err.get("type", "invalid"), "message": err.get("msg", "")})
+        return _json(400, error_body("validation_error", "request validation failed",
+                                     {"fields": fields}, correlation_id(request)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _json(exc.status_code, error_body("invalid_request", str(exc.detail),
+                                                 {"reason": reason}, correlation_id(request)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error (correlation_id=%s)", correlation_id(request))
+        return _json(500, error_body("internal_error", "internal error", None,
+                                     correlation_id(request)))

@@ -1,0 +1,40 @@
+"""The Idempotency-Key gate (api-conventions §4.2) at the HTTP edge.
+
+The key is scoped to (principal, operation, key); the fingerprint covers the
+validated body, the path parameters and ``X-Project-ID``. The record itself is a
+domain aggregate saved with the command's events (``domain.idempotency``), so there is
+no window in which a key exists without its outcome, and keys do not expire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from fastapi import Request
+
+from api.auth import Principal
+from api.errors import ApiError
+from domain.canonical import canonical_json
+from domain.provenance import IdempotencyClaim
+
+HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 128
+
+
+def claim(request: Request, principal: Principal, operation_id: str,
+          body: dict[str, Any] | None) -> IdempotencyClaim | None:
+    key = request.headers.get(HEADER)
+    if key is None:
+        return None
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise ApiError(400, "validation_error",
+                       f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable characters",
+                       header=HEADER)
+    fingerprint = hashlib.sha256(canonical_json({
+        "body": body,
+        "path": {k: str(v) for k, v in request.path_params.items()},
+        "project": request.headers.get("x-project-id"),
+    })).hexdigest()
+    scope = f"{principal.actor_type}:{principal.user_id}:{operation_id}:{key}"
+    return IdempotencyClaim(scope=scope, fingerprint=fingerprint)

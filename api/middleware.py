@@ -1,0 +1,71 @@
+"""Pure ASGI middleware: correlation ids and the request-body size limit."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+Scope = dict[str, Any]
+MAX_REQUEST_ID = 128
+
+
+class RequestContext:
+    """Takes ``X-Request-Id`` (≤128 chars) as the correlation id or makes one, echoes
+    it on the response, and refuses bodies over ``max_body_bytes`` with a 400
+    ``ErrorResponse`` before any handler runs."""
+
+    def __init__(self, app: Any, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("x-request-id", "")
+        correlation = given if 0 < len(given) <= MAX_REQUEST_ID else str(uuid.uuid4())
+        scope.setdefault("state", {})["correlation_id"] = correlation
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [
+                    (b"x-request-id", correlation.encode("latin-1"))]
+            await send(message)
+
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(send_with_id, correlation)
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                await self._too_large(send_with_id, correlation)
+                return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_id)
+
+    async def _too_large(self, send: Any, correlation: str) -> None:
+        payload = json.dumps({
+            "code": "validation_error", "message": "request body too large",
+            "details": {"reason": "body_too_large", "limit_bytes": self.max_body_bytes},
+            "correlation_id": correlation}).encode()
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})

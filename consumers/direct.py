@@ -1,0 +1,97 @@
+"""The direct transport: follow the notification log, apply it in batches."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import psycopg
+from eventsourcing.application import Application
+from psycopg.conninfo import make_conninfo
+
+from projections.store import Item, ReadModelStore
+
+log = logging.getLogger("ledgercore.direct")
+SOURCE = "log"
+
+
+def read_items(app: Application[Any], after: int, limit: int) -> list[Item]:
+    notifications = app.recorder.select_notifications(start=after, limit=limit,
+                                                      inclusive_of_start=False)
+    return [Item(n.id, app.mapper.to_domain_event(n)) for n in notifications]
+
+
+def catch_up(app: Application[Any], store: ReadModelStore, batch_size: int = 500) -> int:
+    """Apply everything the log holds now; return the position reached."""
+    position = min(store.tracked(p.name, SOURCE) for p in store.projections)
+    while True:
+        items = read_items(app, position, batch_size)
+        if not items:
+            return position
+        store.apply_batch(SOURCE, items, watermark=items[-1].notification_id)
+        position = items[-1].notification_id
+
+
+class DirectProjector:
+    """Runs ``catch_up`` in a thread whenever the log may have grown.
+
+    Wakes on Postgres NOTIFY from the event store (any process's writes), on
+    ``poke()`` (this process's writes) and every ``idle_seconds`` regardless. A
+    failing batch is retried with backoff and never skipped: the read model stops
+    where it is and the error is logged and exposed as ``last_error``.
+    """
+
+    def __init__(self, app: Application[Any], store: ReadModelStore, dsn: str,
+                 channel: str = "stored_events", idle_seconds: float = 1.0):
+        self.app, self.store, self.dsn, self.channel = app, store, dsn, channel
+        self.idle_seconds = idle_seconds
+        self.last_error: str | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def start(self) -> DirectProjector:
+        for target in (self._run, self._listen):
+            thread = threading.Thread(target=target, name=f"direct-{target.__name__}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                catch_up(self.app, self.store)
+                self.last_error = None
+                backoff = 0.05
+            except Exception as error:  # noqa: BLE001 - reported, retried, never skipped
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.exception("direct projector batch failed; retrying")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self._wake.wait(self.idle_seconds)
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(make_conninfo(self.dsn), autocommit=True) as conn:
+                    conn.execute(f'LISTEN "{self.channel}"')
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            self._wake.set()
+            except psycopg.Error:
+                log.warning("LISTEN connection lost; reconnecting")
+                time.sleep(0.5)

@@ -1,0 +1,113 @@
+"""``ledgercore``: the one command-line entry point (``./scripts/ledgercore``).
+
+Subcommands: ``run`` (the service), ``token`` (mint a bearer token), ``rebuild`` (a read
+model from the event store), ``relay`` and ``project`` (the Kafka transport's
+processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import replace
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from infra.settings import Settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="ledgercore: event-sourced ledger-and-inventory core")
+console = Console(stderr=True)
+
+DEV_ADMIN_ID = uuid.UUID("00000000-0000-4000-8000-000000000001")
+DEV_TENANT_ID = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
+
+
+def _with_database(settings: Settings) -> tuple[Settings, object | None]:
+    """Use the configured Postgres, or start the embedded one under the data dir."""
+    if settings.pg_dsn:
+        return settings, None
+    from infra.services import EmbeddedPostgres
+
+    console.print(f"starting embedded Postgres in {settings.data_dir / 'pg'} …")
+    pg = EmbeddedPostgres(settings.data_dir / "pg").start()
+    return replace(settings, pg_dsn=pg.dsn), pg
+
+
+@cli.command()
+def run(host: Optional[str] = typer.Option(None, help="listen address"),
+        port: Optional[int] = typer.Option(None, help="listen port")) -> None:
+    """Serve the API (embedded Postgres, direct transport and no Redis by default)."""
+    import uvicorn
+
+    from api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    settings = replace(settings, host=host or settings.host, port=port or settings.port)
+    settings, pg = _with_database(settings)
+    from api.auth import mint_token
+
+    token = mint_token(settings.jwt_secret, user_id=DEV_ADMIN_ID, tenant_id=DEV_TENANT_ID,
+                       role="admin", platform_roles=["platform_superadmin"], ttl_seconds=86400)
+    console.print(f"ledgercore on http://{settings.host}:{settings.port}  "
+                  f"(transport={settings.transport}, redis={'on' if settings.redis_url else 'off'})")
+    console.print(f"admin development token (24 h):\n{token}")
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level="info", access_log=False)
+    finally:
+        if pg is not None:
+            pg.stop()
+
+
+@cli.command()
+def token(user_id: str = typer.Option(..., help="the caller's user (or service account) uuid"),
+          tenant_id: Optional[str] = typer.Option(None, help="the caller's tenant uuid"),
+          project: list[str] = typer.Option([], help="a project the caller is a member of (repeat)"),
+          project_id: Optional[str] = typer.Option(None, help="a service account's project"),
+          role: str = typer.Option("user", help="user | admin"),
+          platform_role: list[str] = typer.Option([], help="platform_superadmin | platform_ops | platform_user"),
+          service_account: bool = typer.Option(False, help="mint a service-account token"),
+          ttl: int = typer.Option(3600, help="lifetime in seconds")) -> None:
+    """Print a bearer token signed with LEDGERCORE_JWT_SECRET (or the dev secret)."""
+    from api.auth import mint_token
+
+    settings = Settings.from_env()
+    print(mint_token(settings.jwt_secret, user_id=user_id, tenant_id=tenant_id,
+                     project_ids=project, project_id=project_id, role=role,
+                     platform_roles=platform_role,
+                     actor_type="service_account" if service_account else "user",
+                     ttl_seconds=ttl))
+
+
+@cli.command()
+def rebuild(projection: str = typer.Argument(..., help="read model name, e.g. billing_ledger")) -> None:
+    """Rebuild a read model from the event store and swap it in atomically."""
+    import projections
+    from consumers.rebuild import rebuild as do_rebuild
+    from infra.db import Stores
+
+    if projection not in projections.BY_NAME:
+        console.print(f"unknown read model {projection!r}; known: {', '.join(projections.BY_NAME)}")
+        raise typer.Exit(2)
+    settings, pg = _with_database(Settings.from_env())
+    stores = Stores.open(settings)
+    try:
+        count = do_rebuild(stores.app, stores.read_models, projections.BY_NAME[projection],
+                           progress=True)
+        console.print(f"rebuilt {projection} from {count} events")
+    finally:
+        stores.close()
+        if pg is not None:
+            pg.stop()
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

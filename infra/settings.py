@@ -1,0 +1,101 @@
+"""All configuration: environment variables with the ``LEDGERCORE_`` prefix.
+
+The README lists every variable. Nothing else in the code reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict
+
+PREFIX = "LEDGERCORE_"
+
+
+def _get(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(PREFIX + name)
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    pg_dsn: str | None = None
+    redis_url: str | None = None
+    kafka_bootstrap: str | None = None
+    transport: str = "direct"
+    kafka_topic: str = "ledgercore.events"
+    kafka_partitions: int = 3
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path(".data")
+    jwt_secret: str = ""
+    default_currency: str = "USD"
+    max_body_bytes: int = 64 * 1024
+    read_wait_seconds: float = 5.0
+    cache_ttl_seconds: int = 300
+    pg_pool_size: int = 8
+    redis_prefix: str = "lc"
+    run_projector: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        data_dir = Path(_get("DATA_DIR", ".data")).resolve()
+        transport = _get("TRANSPORT", "direct")
+        if transport not in ("direct", "kafka"):
+            raise SystemExit(f"{PREFIX}TRANSPORT must be direct or kafka, not {transport!r}")
+        return cls(
+            pg_dsn=_get("PG_DSN"),
+            redis_url=_get("REDIS_URL"),
+            kafka_bootstrap=_get("KAFKA_BOOTSTRAP"),
+            transport=transport,
+            kafka_topic=_get("KAFKA_TOPIC", "ledgercore.events"),
+            kafka_partitions=int(_get("KAFKA_PARTITIONS", "3")),
+            host=_get("HOST", "127.0.0.1"),
+            port=int(_get("PORT", "8000")),
+            data_dir=data_dir,
+            jwt_secret=_get("JWT_SECRET") or _persistent_secret(data_dir),
+            default_currency=_get("DEFAULT_CURRENCY", "USD"),
+            max_body_bytes=int(_get("MAX_BODY_BYTES", str(64 * 1024))),
+            read_wait_seconds=float(_get("READ_WAIT_SECONDS", "5")),
+            cache_ttl_seconds=int(_get("CACHE_TTL_SECONDS", "300")),
+            pg_pool_size=int(_get("PG_POOL_SIZE", "8")),
+            redis_prefix=_get("REDIS_PREFIX", "lc"),
+            run_projector=_get("RUN_PROJECTOR", "on") != "off",
+        )
+
+    def eventstore_env(self) -> dict[str, str]:
+        """The eventsourcing library's configuration for our event store."""
+        if not self.pg_dsn:
+            raise RuntimeError("no Postgres DSN: start the embedded one first")
+        info = conninfo_to_dict(self.pg_dsn)
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": str(info.get("dbname", "postgres")),
+            "POSTGRES_HOST": str(info.get("host", "127.0.0.1")),
+            "POSTGRES_PORT": str(info.get("port", "5432")),
+            "POSTGRES_USER": str(info.get("user", "postgres")),
+            "POSTGRES_PASSWORD": str(info.get("password", "")),
+            "POSTGRES_SCHEMA": "eventstore",
+            "POSTGRES_POOL_SIZE": str(self.pg_pool_size),
+            "POSTGRES_MAX_OVERFLOW": str(self.pg_pool_size),
+            "POSTGRES_CONN_MAX_AGE": "600",
+            "POSTGRES_PRE_PING": "y",
+            "POSTGRES_LOCK_TIMEOUT": "10",
+            "CREATE_TABLE": "y",
+        }
+
+
+def _persistent_secret(data_dir: Path) -> str:
+    """A development signing key, kept under the data dir so tokens survive restarts."""
+    path = data_dir / "jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    path.write_text(secret)
+    path.chmod(0o600)
+    return secret
