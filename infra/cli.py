@@ -105,6 +105,48 @@ def rebuild(projection: str = typer.Argument(..., help="read model name, e.g. bi
             pg.stop()
 
 
+@cli.command()
+def relay() -> None:
+    """Publish the event store's notification log to Kafka (transport=kafka)."""
+    from consumers.relay import Relay
+    from infra.db import Stores
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    if not (settings.pg_dsn and settings.kafka_bootstrap):
+        console.print("relay needs LEDGERCORE_PG_DSN and LEDGERCORE_KAFKA_BOOTSTRAP")
+        raise typer.Exit(2)
+    stores = Stores.open(settings)
+    worker = Relay(stores.app, stores.read_models, settings.kafka_bootstrap, settings.kafka_topic,
+                   settings.kafka_partitions, crash_at=settings.test_fault)
+    try:
+        worker.run_forever()
+    finally:
+        worker.close()
+        stores.close()
+
+
+@cli.command()
+def project() -> None:
+    """Run the projectors as a Kafka consumer group member (transport=kafka)."""
+    from consumers.kafka_projector import KafkaProjector
+    from infra.db import Stores
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    if not (settings.pg_dsn and settings.kafka_bootstrap):
+        console.print("project needs LEDGERCORE_PG_DSN and LEDGERCORE_KAFKA_BOOTSTRAP")
+        raise typer.Exit(2)
+    stores = Stores.open(settings)
+    worker = KafkaProjector(stores.app.mapper, stores.read_models, settings.kafka_bootstrap,
+                            settings.kafka_topic, crash_at=settings.test_fault)
+    try:
+        worker.run_forever()
+    finally:
+        worker.close()
+        stores.close()
+
+
 def main() -> None:
     cli()
 

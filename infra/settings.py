@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
@@ -39,7 +39,8 @@ class Settings:
     pg_pool_size: int = 8
     redis_prefix: str = "lc"
     run_projector: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
+    #: test-only fault injection: crash the relay/projector at a named point
+    test_fault: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -65,6 +66,7 @@ class Settings:
             pg_pool_size=int(_get("PG_POOL_SIZE", "8")),
             redis_prefix=_get("REDIS_PREFIX", "lc"),
             run_projector=_get("RUN_PROJECTOR", "on") != "off",
+            test_fault=_get("TEST_FAULT"),
         )
 
     def eventstore_env(self) -> dict[str, str]:

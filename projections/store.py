@@ -72,9 +72,9 @@ class ReadModelStore(PostgresTrackingRecorder):
                 last = None
                 for item in items:
                     if item.notification_id <= done:
-                        continue
+                        continue  # applied before (a republished or replayed event)
                     projection.apply(cur, self.datastore.schema, item.event, item.notification_id)
-                    last = item.notification_id
+                    done = last = item.notification_id
                     applied += 1
                 if last is not None:
                     self._insert_tracking(cur, Tracking(name, last))
