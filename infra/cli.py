@@ -139,7 +139,8 @@ def project() -> None:
         raise typer.Exit(2)
     stores = Stores.open(settings)
     worker = KafkaProjector(stores.app.mapper, stores.read_models, settings.kafka_bootstrap,
-                            settings.kafka_topic, crash_at=settings.test_fault)
+                            settings.kafka_topic, group_id=settings.kafka_group,
+                            crash_at=settings.test_fault)
     try:
         worker.run_forever()
     finally:

@@ -28,6 +28,7 @@ class Settings:
     transport: str = "direct"
     kafka_topic: str = "ledgercore.events"
     kafka_partitions: int = 3
+    kafka_group: str = "ledgercore-projectors"
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path(".data")
@@ -55,6 +56,7 @@ class Settings:
             transport=transport,
             kafka_topic=_get("KAFKA_TOPIC", "ledgercore.events"),
             kafka_partitions=int(_get("KAFKA_PARTITIONS", "3")),
+            kafka_group=_get("KAFKA_GROUP", "ledgercore-projectors"),
             host=_get("HOST", "127.0.0.1"),
             port=int(_get("PORT", "8000")),
             data_dir=data_dir,
