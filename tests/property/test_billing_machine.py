@@ -1,0 +1,151 @@
+"""The billing account under random credits, debits and idempotent replays, checked
+after every step against the kit's reference model (``domain.testing.billing``).
+
+``InMemoryBillingMachine`` runs on the library's in-memory persistence (fast, many
+examples); ``PostgresBillingMachine`` runs the same rules on the real event store and
+also checks the read model after catch-up."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timezone
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from consumers.direct import catch_up
+from domain.app import Ledgercore
+from domain.billing import BillingAccount, account_id_for, entry_record, verify_chain
+from domain.canonical import canonical_json
+from domain.errors import DomainError, IdempotencyKeyReused
+from domain.money import INT64_MAX, Money
+from domain.provenance import CommandContext, IdempotencyClaim
+from domain.testing.billing import ReferenceLedger, check_invariants
+from domain.testing.strategies import amounts, currencies
+
+KEYS = [f"key-{n}" for n in range(4)]
+AMOUNTS = st.one_of(amounts(10**6), st.integers(INT64_MAX // 2, INT64_MAX))
+
+
+def render(result: Any) -> dict[str, Any]:
+    if isinstance(result, DomainError):
+        if result.details.get("reason") == "balance_out_of_range":
+            return {"answer": "out_of_range"}
+        return {"answer": result.code}
+    return {"answer": "ok"}
+
+
+class BillingMachine(RuleBasedStateMachine):
+    def make_app(self) -> Ledgercore:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.app = self.make_app()
+        self.model = ReferenceLedger()
+        self.users = [uuid.uuid4() for _ in range(3)]
+        self.sent: dict[str, tuple[Any, ...]] = {}
+
+    def send(self, user: uuid.UUID, direction: str, amount: int, currency: str,
+             key: str | None) -> str:
+        fingerprint = canonical_json([str(user), direction, amount, currency]).decode()
+        claim = IdempotencyClaim(f"{self.users[0]}:{key}", fingerprint) if key else None
+        ctx = CommandContext(actor_id="property", actor_role="admin", source="admin",
+                             idempotency=claim)
+        try:
+            outcome = self.app.adjust_balance(ctx, user_id=user, direction=direction,
+                                              amount=Money(amount, currency), reason="p",
+                                              render=render)
+            answer = outcome.response["answer"]
+        except IdempotencyKeyReused:
+            answer = "key_reused"
+        expected = self.model.adjust(str(user), direction, amount, currency, key, fingerprint)
+        assert answer == expected
+        return answer
+
+    @rule(n=st.integers(0, 2), direction=st.sampled_from(["credit", "debit"]),
+          amount=AMOUNTS, currency=currencies(), key=st.none() | st.sampled_from(KEYS))
+    def adjust(self, n: int, direction: str, amount: int, currency: str, key: str | None) -> None:
+        self.send(self.users[n], direction, amount, currency, key)
+        if key and key not in self.sent:
+            self.sent[key] = (self.users[n], direction, amount, currency)
+
+    @rule(key=st.sampled_from(KEYS))
+    def replay(self, key: str) -> None:
+        if key in self.sent:
+            before = self.app.recorder.max_notification_id()
+            self.send(*self.sent[key], key)
+            assert self.app.recorder.max_notification_id() == before
+
+    def live_from_aggregates(self) -> dict[str, Any]:
+        balances, entries, problems = {}, [], []
+        for user in self.users:
+            account = self.app.billing_account(user)
+            if account is None:
+                continue
+            for currency, amount in account.balances.items():
+                balances[(str(user), currency)] = amount
+            events = [e for e in self.app.events.get(account_id_for(user))
+                      if isinstance(e, BillingAccount.LedgerEntryPosted)]
+            entries += [(str(user), e.currency, e.amount_minor) for e in events]
+            problems += verify_chain(account.id, [entry_record(e) for e in events])
+        return {"balances": balances, "entries": entries, "chain_problems": problems}
+
+    @invariant()
+    def aggregates_agree_with_the_model(self) -> None:
+        check_invariants(self.model, self.live_from_aggregates())
+
+
+class InMemoryBillingMachine(BillingMachine):
+    def make_app(self) -> Ledgercore:
+        return Ledgercore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+
+TestInMemoryBilling = InMemoryBillingMachine.TestCase
+TestInMemoryBilling.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+@pytest.fixture(scope="module")
+def pg_stores(shared_database: Any, services: Any) -> Any:
+    from infra.db import Stores
+    from tests.conftest import make_settings
+
+    stores = Stores.open(make_settings(services, shared_database.dsn, run_projector=False))
+    yield stores
+    stores.close()
+
+
+def test_postgres_billing_machine_and_read_model(pg_stores: Any) -> None:
+    class PostgresBillingMachine(BillingMachine):
+        def make_app(self) -> Ledgercore:
+            return pg_stores.app
+
+        @invariant()
+        def read_model_agrees_after_catch_up(self) -> None:
+            catch_up(pg_stores.app, pg_stores.read_models)
+            users = [u for u in self.users]
+            with pg_stores.query_pool.connection() as conn:
+                rows = conn.execute(
+                    "SELECT * FROM readmodels.ledger_entries WHERE owner_user_id = ANY(%s)"
+                    " ORDER BY account_id, seq", (users,)).fetchall()
+                balances = {(str(r["owner_user_id"]), r["currency"]): r["amount_minor"]
+                            for r in conn.execute(
+                                "SELECT * FROM readmodels.balances WHERE owner_user_id = ANY(%s)",
+                                (users,))}
+            problems = []
+            for user in users:
+                mine = [dict(r, occurred_at=r["occurred_at"].astimezone(timezone.utc))
+                        for r in rows if r["owner_user_id"] == user]
+                problems += verify_chain(account_id_for(user), mine)
+            check_invariants(self.model, {
+                "balances": balances,
+                "entries": [(str(r["owner_user_id"]), r["currency"], r["amount_minor"]) for r in rows],
+                "chain_problems": problems})
+
+    run = PostgresBillingMachine.TestCase
+    run.settings = settings(max_examples=12, stateful_step_count=15, deadline=None,
+                            suppress_health_check=list(HealthCheck))
+    run().runTest()
