@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
-from consumers.wire import decode
+from consumers.wire import decode, ensure_topic
 from projections.store import Item, ReadModelStore
 
 log = logging.getLogger("ledgercore.kafka_projector")
@@ -45,13 +45,15 @@ class _RegisterPartitions(ConsumerRebalanceListener):
 
 class KafkaProjector:
     def __init__(self, mapper: Mapper[Any], store: ReadModelStore, bootstrap: str, topic: str,
-                 group_id: str = "ledgercore-projectors", crash_at: str | None = None):
+                 partitions: int, group_id: str = "ledgercore-projectors",
+                 crash_at: str | None = None):
         self.mapper, self.store, self.topic, self.crash_at = mapper, store, topic, crash_at
+        ensure_topic(bootstrap, topic, partitions)
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", client_id="ledgercore-projector",
-            session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=6000,
-            max_poll_records=500)
+            session_timeout_ms=3000, heartbeat_interval_ms=1000, max_poll_interval_ms=60000,
+            max_poll_records=500, metadata_max_age_ms=5000)
         self.consumer.subscribe([topic], listener=_RegisterPartitions(self))
         self._stop = threading.Event()
 

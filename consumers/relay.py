@@ -12,24 +12,12 @@ from typing import Any
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import Tracking
-from kafka import KafkaAdminClient, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka import KafkaProducer
 
-from consumers.wire import event_message, watermark_message
+from consumers.wire import ensure_topic, event_message, watermark_message
 from projections.store import ReadModelStore
 
 log = logging.getLogger("ledgercore.relay")
-
-
-def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ledgercore-admin")
-    try:
-        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
 
 
 class Relay:

@@ -10,6 +10,9 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import Notification
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
 
 Headers = list[tuple[str, bytes]]
 
@@ -35,3 +38,16 @@ def decode(message: Any) -> tuple[str, Any]:
         id=int(headers["nid"]), originator_id=UUID(message.key.decode()),
         originator_version=int(headers["version"]), topic=headers["topic"],
         state=message.value)
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """Create the event topic unless it exists. Relay and projectors both call this
+    before using it, so neither subscribes to a topic that is not there yet (a
+    consumer would otherwise wait a metadata refresh, or auto-create it differently)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ledgercore-admin")
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import replace
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -59,11 +60,9 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
     settings = Settings.from_env()
     settings = replace(settings, host=host or settings.host, port=port or settings.port)
     settings, pg = _with_database(settings)
-    workers: list[object] = []
+    workers: list[Any] = []
     broker = None
     if kafka:
-        from consumers.kafka_projector import KafkaProjector
-        from consumers.relay import Relay
         from infra.db import Stores
         from infra.services import Broker
 
@@ -72,13 +71,9 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
             settings = replace(settings, kafka_bootstrap=broker.bootstrap)
         settings = replace(settings, transport="kafka")
         stores = Stores.open(settings)
-        workers = [Relay(stores.app, stores.read_models, settings.kafka_bootstrap or "",
-                         settings.kafka_topic, settings.kafka_partitions),
-                   KafkaProjector(stores.app.mapper, stores.read_models,
-                                  settings.kafka_bootstrap or "", settings.kafka_topic,
-                                  group_id=settings.kafka_group)]
+        workers = [_relay(settings, stores), _projector(settings, stores)]
         for worker in workers:
-            threading.Thread(target=worker.run_forever, daemon=True).start()  # type: ignore[attr-defined]
+            threading.Thread(target=worker.run_forever, daemon=True).start()
     print(f"ledgercore on http://{settings.host}:{settings.port}  "
           f"(transport={settings.transport}, redis={'on' if settings.redis_url else 'off'})",
           flush=True)
@@ -91,7 +86,7 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
                     log_level="info", access_log=False)
     finally:
         for worker in workers:
-            worker.stop()  # type: ignore[attr-defined]
+            worker.stop()
         if broker is not None:
             broker.stop()
         if pg is not None:
@@ -140,47 +135,48 @@ def rebuild(projection: str = typer.Argument(..., help="read model name, e.g. bi
             pg.stop()
 
 
-@cli.command()
-def relay() -> None:
-    """Publish the event store's notification log to Kafka (transport=kafka)."""
+def _relay(settings: Settings, stores: Any, crash_at: str | None = None) -> Any:
     from consumers.relay import Relay
+
+    return Relay(stores.app, stores.read_models, settings.kafka_bootstrap or "",
+                 settings.kafka_topic, settings.kafka_partitions, crash_at=crash_at)
+
+
+def _projector(settings: Settings, stores: Any, crash_at: str | None = None) -> Any:
+    from consumers.kafka_projector import KafkaProjector
+
+    return KafkaProjector(stores.app.mapper, stores.read_models, settings.kafka_bootstrap or "",
+                          settings.kafka_topic, settings.kafka_partitions,
+                          group_id=settings.kafka_group, crash_at=crash_at)
+
+
+def _run_worker(name: str, build: Callable[..., Any]) -> None:
     from infra.db import Stores
 
     _logging()
     settings = Settings.from_env()
     if not (settings.pg_dsn and settings.kafka_bootstrap):
-        console.print("relay needs LEDGERCORE_PG_DSN and LEDGERCORE_KAFKA_BOOTSTRAP")
+        console.print(f"{name} needs LEDGERCORE_PG_DSN and LEDGERCORE_KAFKA_BOOTSTRAP")
         raise typer.Exit(2)
     stores = Stores.open(settings)
-    worker = Relay(stores.app, stores.read_models, settings.kafka_bootstrap, settings.kafka_topic,
-                   settings.kafka_partitions, crash_at=settings.test_fault)
+    worker = build(settings, stores, settings.test_fault)
     try:
         worker.run_forever()
     finally:
         worker.close()
         stores.close()
+
+
+@cli.command()
+def relay() -> None:
+    """Publish the event store's notification log to Kafka (transport=kafka)."""
+    _run_worker("relay", _relay)
 
 
 @cli.command()
 def project() -> None:
     """Run the projectors as a Kafka consumer group member (transport=kafka)."""
-    from consumers.kafka_projector import KafkaProjector
-    from infra.db import Stores
-
-    _logging()
-    settings = Settings.from_env()
-    if not (settings.pg_dsn and settings.kafka_bootstrap):
-        console.print("project needs LEDGERCORE_PG_DSN and LEDGERCORE_KAFKA_BOOTSTRAP")
-        raise typer.Exit(2)
-    stores = Stores.open(settings)
-    worker = KafkaProjector(stores.app.mapper, stores.read_models, settings.kafka_bootstrap,
-                            settings.kafka_topic, group_id=settings.kafka_group,
-                            crash_at=settings.test_fault)
-    try:
-        worker.run_forever()
-    finally:
-        worker.close()
-        stores.close()
+    _run_worker("project", _projector)
 
 
 def main() -> None:

