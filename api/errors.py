@@ -10,6 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import OperationalError as StoreOperationalError
+
 from domain.errors import DomainError
 
 log = logging.getLogger("ledgercore.api")
@@ -87,6 +90,13 @@ def install(app: FastAPI) -> None:
         reason = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _json(exc.status_code, error_body("invalid_request", str(exc.detail),
                                                  {"reason": reason}, correlation_id(request)))
+
+    @app.exception_handler(StoreOperationalError)
+    @app.exception_handler(StoreInterfaceError)
+    async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("event store unavailable: %s", exc)
+        return _json(503, error_body("service_unavailable", "the event store is unavailable",
+                                     None, correlation_id(request)))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

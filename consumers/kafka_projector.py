@@ -4,8 +4,8 @@
 Per partition and batch: view rows, tracking (highest notification id applied for that
 topic-partition) and the watermark commit in one transaction; the Kafka offset is
 committed after it. A crash between the two redelivers the batch, and tracking skips
-what was applied. An event that cannot be decoded or applied stops the projector
-loudly: it is never skipped.
+what was applied. A batch that cannot be decoded or applied is rewound and retried
+with back-off, loudly: an event is never skipped.
 """
 
 from __future__ import annotations
@@ -66,22 +66,37 @@ class KafkaProjector:
     def _apply(self, partition: TopicPartition, messages: list[Any]) -> int:
         items: list[Item] = []
         watermark: int | None = None
-        for message in messages:
-            kind, value = decode(message)
-            if kind == "watermark":
-                watermark = value if watermark is None else max(watermark, value)
-            else:
-                items.append(Item(value.id, self.mapper.to_domain_event(value)))
-        applied = self.store.apply_batch(source_name(self.topic, partition.partition), items,
-                                         watermark)
+        try:
+            for message in messages:
+                kind, value = decode(message)
+                if kind == "watermark":
+                    watermark = value if watermark is None else max(watermark, value)
+                else:
+                    items.append(Item(value.id, self.mapper.to_domain_event(value)))
+            applied = self.store.apply_batch(source_name(self.topic, partition.partition),
+                                             items, watermark)
+        except Exception:
+            # Rewind so the next poll delivers this batch again: nothing is skipped.
+            self.consumer.seek(partition, messages[0].offset)
+            raise
         if self.crash_at == "projector_after_view_commit" and items:
             os._exit(137)
         self.consumer.commit({partition: OffsetAndMetadata(messages[-1].offset + 1, "", -1)})
         return applied
 
     def run_forever(self) -> None:
+        """Project until stopped. A batch that fails (database down, an event that
+        cannot be decoded or applied) is logged and retried after a back-off; the
+        read model waits at that event rather than skipping it."""
+        backoff = 0.1
         while not self._stop.is_set():
-            self.run_once()
+            try:
+                self.run_once()
+                backoff = 0.1
+            except Exception:  # noqa: BLE001 - retried, never skipped
+                log.exception("projector batch failed; retrying in %.1fs", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
 
     def stop(self) -> None:
         self._stop.set()

@@ -59,8 +59,19 @@ class Relay:
         return len(notifications)
 
     def run_forever(self, idle_seconds: float = 0.05) -> None:
+        """Publish until stopped. A failed batch (broker or database unreachable) is
+        logged and published again after a back-off: its position was not recorded."""
+        backoff = 0.1
         while not self._stop.is_set():
-            if self.run_once() == 0:
+            try:
+                published = self.run_once()
+                backoff = 0.1
+            except Exception:  # noqa: BLE001 - retried, never skipped
+                log.exception("relay batch failed; retrying in %.1fs", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if published == 0:
                 self._stop.wait(idle_seconds)
 
     def stop(self) -> None:
