@@ -44,6 +44,7 @@ def create_app(settings: Settings, stores: Stores | None = None) -> FastAPI:
         app.state.stores = stores or Stores.open(settings)
         app.state.cache = ReadCache(settings.redis_url, settings.redis_prefix,
                                     settings.cache_ttl_seconds)
+        app.state.stores.app.start_batching()
         app.state.projector = None
         if settings.transport == "direct" and settings.run_projector:
             app.state.projector = DirectProjector(
@@ -51,6 +52,7 @@ def create_app(settings: Settings, stores: Stores | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.stores.app.stop_batching()
             if app.state.projector is not None:
                 app.state.projector.stop()
             app.state.cache.close()

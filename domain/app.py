@@ -1,61 +1,63 @@
 """The write-side application: one eventsourcing ``Application`` for every aggregate.
 
-Commands decide only from aggregates loaded here. A command that touches several
-aggregates saves them with one ``save`` (one transaction). Optimistic-concurrency
-conflicts are retried with fresh state, then reported as ``ConcurrentUpdate``.
+Commands decide only from aggregates (never from read models). Two ways to run one:
+
+- ``execute(command)``: alone, in the caller's thread; an optimistic-concurrency
+  conflict is retried with fresh aggregates, then reported as ``ConcurrentUpdate``.
+- ``submit(command)`` (after ``start_batching()``): queued for the batch writer, a
+  thread that takes every command waiting, decides them one after another against
+  shared in-memory aggregates (each command rolled back alone if it is refused) and
+  saves all their events in ONE transaction (group commit). If that save conflicts
+  with another writer, nothing was written and each command of the batch is run
+  again through ``execute``.
+
+Either way a command's events, and its idempotency record, are saved atomically.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
 import random
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import Any
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 
 from domain.billing import BillingAccount, account_id_for
-from domain.errors import ConcurrentUpdate, DomainError, IdempotencyKeyReused
+from domain.commands import AggregateCache, Command, Outcome, Session, run_decision
+from domain.errors import ConcurrentUpdate, IdempotencyKeyReused
 from domain.idempotency import IdempotencyRecord, record_id_for
-from domain.money import Money
-from domain.provenance import CommandContext
 
-A = TypeVar("A")
+log = logging.getLogger("ledgercore.commands")
 MAX_ATTEMPTS = 8
-
-#: maps a command's result (a dict) or its DomainError to the response to store
-Render = Callable[[dict[str, Any] | DomainError], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a command answered. ``response`` is whatever ``render`` made of it;
-    ``position`` is the notification id of the last event it appended (or, for a
-    replay, a position at least that high); ``replayed`` is true for an idempotent
-    replay."""
-
-    response: dict[str, Any]
-    position: int | None
-    replayed: bool = False
+MAX_BATCH = 256
+_STOP = object()
 
 
 class Ledgercore(Application[UUID]):
     name = "ledgercore"
     snapshotting_intervals = {BillingAccount: 200}
 
-    def __init__(self, env: dict[str, str] | None = None,
-                 default_currency: str = "USD") -> None:
+    def __init__(self, env: dict[str, str] | None = None, default_currency: str = "USD") -> None:
         super().__init__(env)
         if self.env.get("POSTGRES_ENABLE_DB_FUNCTIONS", "").lower() in ("y", "yes", "1", "true", "on"):
             # With DB functions the library writes no tracking records and skips the
             # table lock that keeps notification order. Never.
             raise RuntimeError("POSTGRES_ENABLE_DB_FUNCTIONS must not be enabled")
         self.default_currency = default_currency
+        self.cache = AggregateCache()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self.batches = 0
+        self.batched_commands = 0
+        self.conflicted_batches = 0
 
-    # ---- loading -----------------------------------------------------------------
     def get_or_none(self, aggregate_id: UUID) -> Any | None:
         try:
             return self.repository.get(aggregate_id)
@@ -65,67 +67,182 @@ class Ledgercore(Application[UUID]):
     def billing_account(self, owner_user_id: UUID) -> BillingAccount | None:
         return self.get_or_none(account_id_for(owner_user_id))
 
-    # ---- the command runner ------------------------------------------------------
-    def execute(
-        self,
-        ctx: CommandContext,
-        decide: Callable[[CommandContext], tuple[Sequence[Any], dict[str, Any]]],
-        render: Render,
-    ) -> Outcome:
-        """Run ``decide`` against fresh aggregates and save what it changed, atomically
-        with the idempotency record when the request carries a key.
-
-        ``decide`` returns the aggregates it changed and a result dict, or raises a
-        ``DomainError``. Final errors are stored under the key like successes are.
-        """
-        claim = ctx.idempotency
+    # ---- one command at a time -------------------------------------------------------
+    def execute(self, command: Command) -> Outcome:
+        claim = command.ctx.idempotency
         record_id = record_id_for(claim.scope) if claim else None
-        ctx = replace(ctx, causation_id=str(record_id or uuid4()))
+        ctx = replace(command.ctx, causation_id=str(record_id or uuid4()))
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            session = Session(self)
             if record_id is not None:
-                replay = self._replay(record_id, claim.fingerprint)
+                replay = self._replay(session.get(record_id), claim.fingerprint, None)
                 if replay is not None:
                     return replay
-            try:
-                aggregates, result = decide(ctx)
-                response = render(result)
-            except DomainError as error:
-                if not (claim and error.final):
-                    return Outcome(render(error), None)
-                aggregates, response = (), render(error)
-            pending: list[Any] = list(aggregates)
+            response, _, error = run_decision(command, ctx, session)
+            if error is not None and not (claim and error.final):
+                if not error.final:
+                    raise error
+                return Outcome(response, None)
             if claim is not None:
-                pending.append(IdempotencyRecord.record(
-                    claim.scope, claim.fingerprint, response, ctx.provenance(), ctx.now))
+                session.loaded[record_id] = IdempotencyRecord.record(
+                    claim.scope, claim.fingerprint, response, ctx.provenance(), ctx.now)
+            changed = session.changed()
             try:
-                recordings = self.save(*pending)
+                recordings = self.save(*changed)
             except IntegrityError:
                 # Someone else appended first: back off, reload, decide again.
                 time.sleep(random.uniform(0, 0.002 * 2**attempt))
                 continue
-            position = recordings[-1].notification.id if recordings else None
-            return Outcome(response, position)
-        return Outcome(render(ConcurrentUpdate(MAX_ATTEMPTS)), None)
+            finally:
+                self.cache.discard([a.id for a in changed])
+            return Outcome(response, recordings[-1].notification.id if recordings else None)
+        return Outcome(command.render(ConcurrentUpdate(MAX_ATTEMPTS)), None)
 
-    def _replay(self, record_id: UUID, fingerprint: str) -> Outcome | None:
-        record = self.get_or_none(record_id)
+    def _replay(self, record: IdempotencyRecord | None, fingerprint: str,
+                position: int | None) -> Outcome | None:
         if record is None:
             return None
         if record.fingerprint != fingerprint:
             raise IdempotencyKeyReused()
-        return Outcome(record.response, self.recorder.max_notification_id(), replayed=True)
+        if position is None:
+            position = self.recorder.max_notification_id()
+        return Outcome(record.response, position, replayed=True)
 
-    # ---- billing commands --------------------------------------------------------
-    def adjust_balance(self, ctx: CommandContext, *, user_id: UUID, direction: str,
-                       amount: Money, reason: str, render: Render) -> Outcome:
-        def decide(ctx: CommandContext) -> tuple[Sequence[Any], dict[str, Any]]:
-            account = self.billing_account(user_id)
-            if account is None:
-                account = BillingAccount.open(user_id, self.default_currency,
-                                              ctx.provenance(), ctx.now)
-            entry_id = account.adjust(direction=direction, amount=amount, reason=reason,
-                                      adjustment_id=UUID(ctx.causation_id),
-                                      provenance=ctx.provenance(), at=ctx.now)
-            return [account], {"ok": True, "entry_id": str(entry_id)}
+    # ---- group commit ------------------------------------------------------------------
+    def start_batching(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="batch-writer",
+                                            daemon=True)
+            self._writer.start()
 
-        return self.execute(ctx, decide, render)
+    def stop_batching(self) -> None:
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join(timeout=30)
+            self._writer = None
+
+    def submit(self, command: Command) -> Future[Outcome]:
+        future: Future[Outcome] = Future()
+        if self._writer is None:
+            try:
+                future.set_result(self.execute(command))
+            except BaseException as error:  # noqa: BLE001 - handed to the caller
+                future.set_exception(error)
+        else:
+            self._queue.put((command, future))
+        return future
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._write_batch(batch)
+            except BaseException as error:  # noqa: BLE001 - every caller gets told
+                log.exception("batch of %d commands failed", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            if stop:
+                return
+
+    def _write_batch(self, batch: list[tuple[Command, Future[Outcome]]]) -> None:
+        session = Session(self, self.cache)
+        # per command: ("done", Outcome) | ("error", exc) | ("saved", response, keys)
+        #              | ("replay", response): a record made earlier in this batch
+        answers: list[tuple[Any, ...]] = []
+        made_here: set[UUID] = set()
+        for command, _ in batch:
+            claim = command.ctx.idempotency
+            record_id = record_id_for(claim.scope) if claim else None
+            ctx = replace(command.ctx, causation_id=str(record_id or uuid4()))
+            if record_id is not None:
+                record = session.get(record_id)
+                if record is not None:
+                    if record.fingerprint != claim.fingerprint:
+                        answers.append(("error", IdempotencyKeyReused()))
+                    elif record_id in made_here:
+                        answers.append(("replay", record.response))
+                    else:
+                        answers.append(("done", Outcome(record.response, None, replayed=True)))
+                    continue
+            try:
+                response, keys, error = run_decision(command, ctx, session)
+            except Exception as unexpected:  # noqa: BLE001 - this command alone fails
+                answers.append(("error", unexpected))
+                continue
+            if error is not None and not (claim and error.final):
+                answers.append(("error", error) if not error.final
+                               else ("done", Outcome(response, None)))
+                continue
+            if claim is not None:
+                record = IdempotencyRecord.record(claim.scope, claim.fingerprint, response,
+                                                  ctx.provenance(), ctx.now)
+                session.loaded[record_id] = record
+                made_here.add(record_id)
+                keys = keys + [(record_id, 1)]
+            answers.append(("saved", response, keys))
+
+        changed = session.changed()
+        positions: dict[tuple[UUID, int], int] = {}
+        last = None
+        if changed:
+            try:
+                recordings = self.save(*changed)
+            except IntegrityError:
+                # Another writer got there first. Nothing of this batch was written:
+                # decide every command again, one at a time, from the store.
+                self.cache.clear()
+                self.conflicted_batches += 1
+                for command, future in batch:
+                    self._settle(future, lambda c=command: self.execute(c))
+                return
+            except BaseException:
+                self.cache.clear()
+                raise
+            for recording in recordings:
+                event = recording.domain_event
+                positions[(event.originator_id, event.originator_version)] = recording.notification.id
+            last = recordings[-1].notification.id
+        for aggregate in session.loaded.values():  # as saved, or as before a refused command
+            if aggregate is not None:
+                self.cache.put(aggregate)
+        self.batches += 1
+        self.batched_commands += len(batch)
+        stored_position = None
+        for (command, future), answer in zip(batch, answers):
+            kind = answer[0]
+            if kind == "error":
+                future.set_exception(answer[1])
+            elif kind == "done":
+                outcome = answer[1]
+                if outcome.replayed:
+                    if stored_position is None:
+                        stored_position = last or self.recorder.max_notification_id()
+                    outcome = replace(outcome, position=stored_position)
+                future.set_result(outcome)
+            elif kind == "replay":
+                future.set_result(Outcome(answer[1], last, replayed=True))
+            else:
+                _, response, keys = answer
+                position = max((positions[k] for k in keys), default=None)
+                future.set_result(Outcome(response, position))
+
+    @staticmethod
+    def _settle(future: Future[Outcome], run: Any) -> None:
+        try:
+            future.set_result(run())
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            future.set_exception(error)

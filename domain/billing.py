@@ -14,8 +14,10 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from eventsourcing.domain import Aggregate
 
 from domain.canonical import GENESIS_HASH, ledger_entry_hash
+from domain.commands import Command, Render, Session
 from domain.errors import InsufficientBalance, InvalidRequest
 from domain.money import INT64_MAX, Money
+from domain.provenance import CommandContext
 
 NAMESPACE = uuid5(NAMESPACE_URL, "https://ledgercore.invalid/billing")
 
@@ -233,3 +235,20 @@ def entry_record(event: BillingAccount.LedgerEntryPosted) -> dict[str, Any]:
         "occurred_at": event.occurred_at, "correlation_id": event.provenance.get("correlation_id"),
         "prev_hash": event.prev_hash, "entry_hash": event.entry_hash,
     }
+
+
+def adjust_balance(ctx: CommandContext, *, user_id: UUID, direction: str, amount: Money,
+                   reason: str, render: Render) -> Command:
+    """``adminAdjustBalance``: credit or debit a user's account (opened on first use)."""
+
+    def decide(ctx: CommandContext, session: Session) -> tuple[list[Any], dict[str, Any]]:
+        account = session.get(account_id_for(user_id))
+        if account is None:
+            account = BillingAccount.open(user_id, session.default_currency,
+                                          ctx.provenance(), ctx.now)
+        entry_id = account.adjust(direction=direction, amount=amount, reason=reason,
+                                  adjustment_id=UUID(ctx.causation_id),
+                                  provenance=ctx.provenance(), at=ctx.now)
+        return [account], {"ok": True, "entry_id": str(entry_id)}
+
+    return Command(ctx, decide, render)

@@ -3,6 +3,7 @@ read read-model tables. Every response carries ``X-Ledger-Position`` when it app
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import Request
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse
 from api.auth import Principal
 from api.consistency import HEADER as POSITION_HEADER
 from api.errors import correlation_id, error_body, render_domain_error
-from domain.app import Outcome
+from domain.commands import Command, Outcome
 from domain.errors import DomainError
 from domain.provenance import CommandContext, IdempotencyClaim
 
@@ -36,6 +37,12 @@ def renderer(request: Request, success_status: int, shape: Any):
     return render
 
 
+async def run(request: Request, command: Command) -> JSONResponse:
+    """Hand the command to the batch writer and answer its outcome."""
+    outcome = await asyncio.wrap_future(request.app.state.stores.app.submit(command))
+    return respond(request, outcome)
+
+
 def respond(request: Request, outcome: Outcome) -> JSONResponse:
     response = JSONResponse(status_code=outcome.response["status"], content=outcome.response["body"])
     if outcome.position is not None:
@@ -48,4 +55,4 @@ def respond(request: Request, outcome: Outcome) -> JSONResponse:
     return response
 
 
-__all__ = ["context", "renderer", "respond", "error_body"]
+__all__ = ["context", "renderer", "respond", "run", "error_body"]

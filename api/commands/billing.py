@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api import idempotency
 from api.auth import Principal, authenticate, require
-from api.commands import context, renderer, respond
+from api.commands import context, renderer, run
 from api.errors import ApiError
+from domain.billing import adjust_balance
 from domain.money import Money, is_known_currency
 
 router = APIRouter()
@@ -27,16 +28,15 @@ class AdminAdjustBalanceRequest(BaseModel):
 
 
 @router.post("/api/v1/admin/users/{user_id}/balance", operation_id="adminAdjustBalance")
-def admin_adjust_balance(user_id: UUID, body: AdminAdjustBalanceRequest, request: Request,
-                         principal: Principal = Depends(authenticate)) -> JSONResponse:
+async def admin_adjust_balance(user_id: UUID, body: AdminAdjustBalanceRequest, request: Request,
+                               principal: Principal = Depends(authenticate)) -> JSONResponse:
     require(principal, "platform.admin")
     if not is_known_currency(body.currency):
         raise ApiError(400, "invalid_request", f"unknown currency {body.currency}",
                        field="currency", reason="unsupported_currency")
     claim = idempotency.claim(request, principal, "adminAdjustBalance", body.model_dump())
-    ctx = context(request, principal, "admin", claim)
-    outcome = request.app.state.stores.app.adjust_balance(
-        ctx, user_id=user_id, direction=body.direction,
-        amount=Money(body.amount_minor, body.currency), reason=body.reason,
-        render=renderer(request, 200, lambda result: {"ok": True}))
-    return respond(request, outcome)
+    command = adjust_balance(
+        context(request, principal, "admin", claim), user_id=user_id,
+        direction=body.direction, amount=Money(body.amount_minor, body.currency),
+        reason=body.reason, render=renderer(request, 200, lambda result: {"ok": True}))
+    return await run(request, command)

@@ -8,6 +8,7 @@ also checks the read model after catch-up."""
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import Future
 from datetime import timezone
 from typing import Any
 
@@ -18,7 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from consumers.direct import catch_up
 from domain.app import Ledgercore
-from domain.billing import BillingAccount, account_id_for, entry_record, verify_chain
+from domain.billing import (BillingAccount, account_id_for, adjust_balance, entry_record,
+                            verify_chain)
 from domain.canonical import canonical_json
 from domain.errors import DomainError, IdempotencyKeyReused
 from domain.money import INT64_MAX, Money
@@ -56,9 +58,9 @@ class BillingMachine(RuleBasedStateMachine):
         ctx = CommandContext(actor_id="property", actor_role="admin", source="admin",
                              idempotency=claim)
         try:
-            outcome = self.app.adjust_balance(ctx, user_id=user, direction=direction,
-                                              amount=Money(amount, currency), reason="p",
-                                              render=render)
+            outcome = self.app.execute(adjust_balance(
+                ctx, user_id=user, direction=direction, amount=Money(amount, currency),
+                reason="p", render=render))
             answer = outcome.response["answer"]
         except IdempotencyKeyReused:
             answer = "key_reused"
@@ -149,3 +151,61 @@ def test_postgres_billing_machine_and_read_model(pg_stores: Any) -> None:
     run.settings = settings(max_examples=12, stateful_step_count=15, deadline=None,
                             suppress_health_check=list(HealthCheck))
     run().runTest()
+
+
+class GroupCommitMachine(InMemoryBillingMachine):
+    """Batches of commands through the batch writer (one transaction each) must
+    answer every command exactly as running them one by one would, whatever refusals,
+    key replays or key conflicts share the batch, and even when another writer has
+    made the writer's cached aggregates stale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.app.start_batching()
+
+    def teardown(self) -> None:
+        self.app.stop_batching()
+
+    @rule(commands=st.lists(st.tuples(
+        st.integers(0, 2), st.sampled_from(["credit", "debit"]), AMOUNTS, currencies(),
+        st.none() | st.sampled_from(KEYS)), min_size=1, max_size=12))
+    def batch(self, commands: list[tuple[Any, ...]]) -> None:
+        futures = []
+        expected = []
+        for n, direction, amount, currency, key in commands:
+            user = self.users[n]
+            fingerprint = canonical_json([str(user), direction, amount, currency]).decode()
+            claim = IdempotencyClaim(f"{self.users[0]}:{key}", fingerprint) if key else None
+            ctx = CommandContext(actor_id="property", actor_role="admin", source="admin",
+                                 idempotency=claim)
+            futures.append(adjust_balance(ctx, user_id=user, direction=direction,
+                                          amount=Money(amount, currency), reason="p",
+                                          render=render))
+            expected.append(self.model.adjust(str(user), direction, amount, currency, key,
+                                              fingerprint))
+            if key and key not in self.sent:
+                self.sent[key] = (user, direction, amount, currency)
+        # queue the whole list before the writer wakes, so it lands in one batch
+        pending = [(command, Future()) for command in futures]
+        self.app._write_batch(pending)
+        for (_, future), want in zip(pending, expected):
+            try:
+                got = future.result(timeout=10).response["answer"]
+            except IdempotencyKeyReused:
+                got = "key_reused"
+            assert got == want
+
+    @rule(n=st.integers(0, 2), amount=amounts(10**6))
+    def foreign_write(self, n: int, amount: int) -> None:
+        """Another process credits the account behind the batch writer's back."""
+        account = self.app.billing_account(self.users[n])
+        if account is None:
+            return
+        account.adjust(direction="credit", amount=Money(amount, "USD"), reason="other",
+                       adjustment_id=uuid.uuid4(), provenance={}, at=account.modified_on)
+        self.app.save(account)
+        self.model.adjust(str(self.users[n]), "credit", amount, "USD")
+
+
+TestGroupCommit = GroupCommitMachine.TestCase
+TestGroupCommit.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)

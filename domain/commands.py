@@ -1,0 +1,167 @@
+"""Commands and the session they decide in.
+
+A ``Command`` is what a caller wants done: its context, a ``decide`` function and a
+``render`` function. ``decide(ctx, session)`` loads aggregates through the ``Session``,
+changes them (or raises ``DomainError``) and returns the aggregates it changed and a
+result dict; ``render`` turns that result (or the error) into the response stored
+under an idempotency key and answered to the caller.
+
+A ``Session`` is the set of aggregates one batch of commands works on. Each command in
+it runs as a little transaction: if it raises, every aggregate it touched is put back
+as it was before it started, so a refused command never leaks into its neighbours.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from threading import Lock
+from typing import Any, Protocol
+from uuid import UUID
+
+from domain.errors import DomainError
+from domain.provenance import CommandContext
+
+#: maps a command's result (a dict) or its DomainError to the response to store
+Render = Callable[[dict[str, Any] | DomainError], dict[str, Any]]
+Decide = Callable[[CommandContext, "Session"], tuple[Sequence[Any], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Command:
+    ctx: CommandContext
+    decide: Decide
+    render: Render
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a command answered. ``response`` is whatever ``render`` made of it;
+    ``position`` is the notification id of the last event it appended (for a replay,
+    a position at least that high); ``replayed`` is true for an idempotent replay."""
+
+    response: dict[str, Any]
+    position: int | None
+    replayed: bool = False
+
+
+class Loader(Protocol):
+    default_currency: str
+
+    def get_or_none(self, aggregate_id: UUID) -> Any | None: ...
+
+
+class AggregateCache:
+    """Aggregates as last saved by this process, most recently used kept.
+
+    Safe because every save is checked by version: an entry made stale by another
+    process makes the next save conflict, and the batch is then decided again from
+    the store (with the cache cleared)."""
+
+    def __init__(self, maxsize: int = 20_000):
+        self.maxsize = maxsize
+        self._items: OrderedDict[UUID, Any] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, aggregate_id: UUID) -> Any | None:
+        with self._lock:
+            aggregate = self._items.get(aggregate_id)
+            if aggregate is not None:
+                self._items.move_to_end(aggregate_id)
+            return aggregate
+
+    def put(self, aggregate: Any) -> None:
+        with self._lock:
+            self._items[aggregate.id] = aggregate
+            self._items.move_to_end(aggregate.id)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+
+    def discard(self, aggregate_ids: Sequence[UUID]) -> None:
+        with self._lock:
+            for aggregate_id in aggregate_ids:
+                self._items.pop(aggregate_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+def _clone(aggregate: Any) -> Any:
+    """A deep copy of an aggregate's state, without its pending events."""
+    pending = aggregate._pending_events
+    aggregate._pending_events = []
+    try:
+        return copy.deepcopy(aggregate)
+    finally:
+        aggregate._pending_events = pending
+
+
+class Session:
+    def __init__(self, loader: Loader, cache: AggregateCache | None = None):
+        self.loader = loader
+        self.default_currency = loader.default_currency
+        self.cache = cache
+        self.loaded: dict[UUID, Any | None] = {}
+        self._undo: dict[UUID, tuple[Any | None, int]] | None = None
+
+    def get(self, aggregate_id: UUID) -> Any | None:
+        if aggregate_id not in self.loaded:
+            aggregate = self.cache.get(aggregate_id) if self.cache else None
+            if aggregate is None:
+                aggregate = self.loader.get_or_none(aggregate_id)
+            self.loaded[aggregate_id] = aggregate
+        self._remember(aggregate_id)
+        return self.loaded[aggregate_id]
+
+    # ---- per-command transactions ------------------------------------------------
+    def begin(self) -> None:
+        self._undo = {}
+
+    def _remember(self, aggregate_id: UUID) -> None:
+        if self._undo is not None and aggregate_id not in self._undo:
+            aggregate = self.loaded.get(aggregate_id)
+            self._undo[aggregate_id] = ((None, 0) if aggregate is None else
+                                        (_clone(aggregate), len(aggregate.pending_events)))
+
+    def commit(self, changed: Sequence[Any]) -> list[tuple[UUID, int]]:
+        """Keep what the command did; return (id, version) of each event it appended."""
+        appended = []
+        for aggregate in changed:
+            before = (self._undo or {}).get(aggregate.id, (None, 0))[1]
+            appended += [(e.originator_id, e.originator_version)
+                         for e in aggregate.pending_events[before:]]
+            self.loaded[aggregate.id] = aggregate
+        self._undo = None
+        return appended
+
+    def rollback(self) -> None:
+        for aggregate_id, (clone, pending) in (self._undo or {}).items():
+            if clone is not None:
+                clone._pending_events = self.loaded[aggregate_id].pending_events[:pending]
+            self.loaded[aggregate_id] = clone
+        self._undo = None
+
+    def changed(self) -> list[Any]:
+        return [a for a in self.loaded.values() if a is not None and a.pending_events]
+
+
+def run_decision(command: Command, ctx: CommandContext, session: Session
+                 ) -> tuple[dict[str, Any], list[tuple[UUID, int]], DomainError | None]:
+    """Run one command's decision inside ``session``: (response, appended, error).
+
+    A ``DomainError`` rolls the command back; a final one still yields a response (to
+    be stored under the key), a non-final one is returned for the caller to raise."""
+    session.begin()
+    try:
+        changed, result = command.decide(ctx, session)
+        response = command.render(result)
+    except DomainError as error:
+        session.rollback()
+        return command.render(error), [], error
+    except BaseException:
+        session.rollback()
+        raise
+    return response, session.commit(changed), None
