@@ -90,13 +90,17 @@ class AggregateCache:
 
 
 def _clone(aggregate: Any) -> Any:
-    """A deep copy of an aggregate's state, without its pending events."""
-    pending = aggregate._pending_events
-    aggregate._pending_events = []
-    try:
-        return copy.deepcopy(aggregate)
-    finally:
-        aggregate._pending_events = pending
+    """A copy of an aggregate's state to roll back to, without its pending events.
+
+    Aggregate state is attributes holding immutable values or containers of them, so
+    copying the containers is enough (and far cheaper than a deep copy of the whole
+    object)."""
+    clone = copy.copy(aggregate)
+    for name, value in vars(aggregate).items():
+        if isinstance(value, (dict, list, set)):
+            clone.__dict__[name] = copy.deepcopy(value)
+    clone.__dict__["_pending_events"] = []
+    return clone
 
 
 class Session:

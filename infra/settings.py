@@ -90,7 +90,7 @@ class Settings:
             "POSTGRES_POOL_SIZE": str(self.pg_pool_size),
             "POSTGRES_MAX_OVERFLOW": str(self.pg_pool_size),
             "POSTGRES_CONN_MAX_AGE": "600",
-            "POSTGRES_PRE_PING": "y",
+            "POSTGRES_PRE_PING": "n",
             "POSTGRES_LOCK_TIMEOUT": "10",
             "CREATE_TABLE": "y",
         }
