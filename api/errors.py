@@ -17,12 +17,8 @@ from domain.errors import DomainError
 
 log = logging.getLogger("ledgercore.api")
 
-#: HTTP status for each domain error code (api-conventions §5.3, billing §6)
-DOMAIN_STATUS = {
-    "invalid_request": 400,
-    "insufficient_balance": 400,
-    "user_not_found": 404,
-}
+#: HTTP status for each kind of domain refusal (api-conventions §5.3, billing §6)
+KIND_STATUS = {"invalid": 400, "conflict": 409, "not_found": 404}
 
 
 class ApiError(Exception):
@@ -44,9 +40,7 @@ def error_body(code: str, message: str, details: dict[str, Any] | None,
 
 
 def domain_error_status(error: DomainError) -> int:
-    if error.details.get("reason") in ("concurrent_update", "idempotency_key_reused"):
-        return 409
-    return DOMAIN_STATUS.get(error.code, 400)
+    return KIND_STATUS[error.kind]
 
 
 def render_domain_error(error: DomainError, correlation: str) -> dict[str, Any]:

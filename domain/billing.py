@@ -25,6 +25,7 @@ NAMESPACE = uuid5(NAMESPACE_URL, "https://ledgercore.invalid/billing")
 ENTRY_TYPES: dict[str, tuple[int, str]] = {
     "admin_credit": (+1, "adjustments"),
     "admin_debit": (-1, "adjustments"),
+    "payment_credit": (+1, "psp_clearing"),
 }
 
 
@@ -104,6 +105,11 @@ class BillingAccount(Aggregate):
         direction: str
         reason: str
 
+    class PaymentCredited(LedgerEntryPosted):
+        TOPIC = "ledgercore.PaymentCredited"
+        payment_session_id: UUID
+        source: str  # webhook | manual
+
     def __init__(self, owner_user_id: UUID, primary_currency: str, provenance: dict[str, Any]):
         self.owner_user_id = owner_user_id
         self.primary_currency = primary_currency
@@ -144,6 +150,15 @@ class BillingAccount(Aggregate):
             direction=direction,
             reason=reason,
         )
+
+    def credit_payment(self, *, payment_session_id: UUID, amount: Money, source: str,
+                       provenance: dict[str, Any], at: datetime) -> UUID:
+        """A checkout's money arriving: one ``payment_credit`` per payment session (the
+        session's state machine guarantees the "one")."""
+        return self._post(self.PaymentCredited, entry_type="payment_credit", amount=amount,
+                          reference_type="payment_session", reference_id=str(payment_session_id),
+                          provenance=provenance, at=at, payment_session_id=payment_session_id,
+                          source=source)
 
     def _post(self, event_class: type[LedgerEntryPosted], *, entry_type: str, amount: Money,
               reference_type: str | None, reference_id: str | None,

@@ -8,6 +8,8 @@ from typing import Any
 
 class DomainError(Exception):
     code = "invalid_request"
+    #: invalid | conflict | not_found: what kind of refusal (the API picks the status)
+    kind = "invalid"
     #: a final outcome that an idempotency record may store and replay
     final = True
 
@@ -29,6 +31,7 @@ class IdempotencyKeyReused(DomainError):
     """Same key, different request: never stored, never executed."""
 
     code = "invalid_request"
+    kind = "conflict"
     final = False
 
     def __init__(self) -> None:
@@ -42,6 +45,7 @@ class ConcurrentUpdate(DomainError):
     """Optimistic concurrency lost too many times in a row."""
 
     code = "invalid_request"
+    kind = "conflict"
     final = False
 
     def __init__(self, attempts: int) -> None:

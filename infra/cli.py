@@ -135,6 +135,36 @@ def rebuild(projection: str = typer.Argument(..., help="read model name, e.g. bi
             pg.stop()
 
 
+@cli.command()
+def webhook(payment_session_id: str = typer.Option(..., help="the platform's payment session id"),
+            amount_minor: int = typer.Option(..., help="amount the provider collected, minor units"),
+            currency: str = typer.Option("USD"),
+            event_type: str = typer.Option("checkout.session.completed",
+                                           help="or checkout.session.expired"),
+            url: str = typer.Option("http://127.0.0.1:8000", help="the ledgercore API")) -> None:
+    """Send a provider webhook signed with LEDGERCORE_WEBHOOK_SECRET (what the payment
+    provider sends when a checkout completes or expires)."""
+    import json
+    import uuid as uuid_module
+
+    import httpx
+
+    from api import webhooks
+
+    settings = Settings.from_env()
+    event = {"id": f"evt_{uuid_module.uuid4().hex}", "type": event_type,
+             "data": {"object": {"id": f"cs_local_{uuid_module.UUID(payment_session_id).hex}",
+                                 "amount_total": amount_minor, "currency": currency.lower(),
+                                 "metadata": {"payment_session_id": payment_session_id}}}}
+    raw = json.dumps(event).encode()
+    response = httpx.post(f"{url.rstrip('/')}/api/v1/payments/webhook", content=raw, headers={
+        "Content-Type": "application/json",
+        webhooks.HEADER: webhooks.sign(settings.webhook_secret, raw)})
+    print(response.status_code, response.text)
+    if response.status_code != 200:
+        raise typer.Exit(1)
+
+
 def _relay(settings: Settings, stores: Any, crash_at: str | None = None) -> Any:
     from consumers.relay import Relay
 

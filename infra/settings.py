@@ -36,6 +36,10 @@ class Settings:
     #: the secret was generated under the data dir (development), not configured
     jwt_secret_is_dev: bool = False
     default_currency: str = "USD"
+    #: signing secret of payment-provider webhooks (Stripe-Signature scheme)
+    webhook_secret: str = ""
+    #: where the local checkout provider points payers
+    checkout_base_url: str = "https://checkout.invalid/pay"
     max_body_bytes: int = 64 * 1024
     read_wait_seconds: float = 5.0
     cache_ttl_seconds: int = 300
@@ -65,6 +69,8 @@ class Settings:
             jwt_secret=_get("JWT_SECRET") or _persistent_secret(data_dir),
             jwt_secret_is_dev=_get("JWT_SECRET") is None,
             default_currency=_get("DEFAULT_CURRENCY", "USD"),
+            webhook_secret=_get("WEBHOOK_SECRET") or _persistent_secret(data_dir, "webhook-secret"),
+            checkout_base_url=_get("CHECKOUT_BASE_URL", "https://checkout.invalid/pay"),
             max_body_bytes=int(_get("MAX_BODY_BYTES", str(64 * 1024))),
             read_wait_seconds=float(_get("READ_WAIT_SECONDS", "5")),
             cache_ttl_seconds=int(_get("CACHE_TTL_SECONDS", "300")),
@@ -96,9 +102,9 @@ class Settings:
         }
 
 
-def _persistent_secret(data_dir: Path) -> str:
-    """A development signing key, kept under the data dir so tokens survive restarts."""
-    path = data_dir / "jwt-secret"
+def _persistent_secret(data_dir: Path, name: str = "jwt-secret") -> str:
+    """A development secret, kept under the data dir so it survives restarts."""
+    path = data_dir / name
     if path.exists():
         return path.read_text().strip()
     data_dir.mkdir(parents=True, exist_ok=True)

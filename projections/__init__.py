@@ -7,7 +7,8 @@ May import: ``domain`` (events and value types only), ``eventsourcing`` and
 """
 
 from projections.billing_ledger import BillingLedger
+from projections.payments import Payments
 
 #: every read model, in the order a batch applies them
-ALL = (BillingLedger(),)
+ALL = (BillingLedger(), Payments())
 BY_NAME = {projection.name: projection for projection in ALL}

@@ -1,0 +1,124 @@
+"""Payment commands: ``createChargeSession``, ``stripeWebhook``,
+``adminReconcilePaymentSession``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+from uuid import UUID, uuid4, uuid5
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api import idempotency, webhooks
+from api.auth import Principal, authenticate, require
+from api.commands import context, renderer, run
+from api.errors import ApiError, correlation_id
+from domain.errors import DomainError
+from domain.money import Money, is_known_currency
+from domain.payments import (NAMESPACE, checkout_event, create_charge_session,
+                             provider_amount, reconcile_payment_session)
+from domain.provenance import CommandContext
+from infra.payments import LocalCheckoutProvider
+
+router = APIRouter()
+
+
+class CreateChargeSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    amount_minor: int = Field(ge=1)
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+
+
+class AdminReconcilePaymentSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    action: Literal["post_credit", "mark_expired", "mark_failed"]
+    amount_minor: int | None = Field(default=None, ge=1)
+    reason: str = Field(min_length=3)
+    failure_reason: str | None = None
+
+
+@router.post("/api/v1/payments/checkout-session", operation_id="createChargeSession")
+async def create_charge_session_route(body: CreateChargeSessionRequest, request: Request,
+                                      principal: Principal = Depends(authenticate)) -> JSONResponse:
+    if not is_known_currency(body.currency):
+        raise ApiError(400, "invalid_request", f"unknown currency {body.currency}",
+                       field="currency", reason="unsupported_currency")
+    if principal.tenant_id is None:
+        raise ApiError(403, "insufficient_permissions", "a payment needs the caller's tenant")
+    claim = idempotency.claim(request, principal, "createChargeSession", body.model_dump())
+    # With a key, the session id follows from it, so a retry asks the provider for the
+    # same checkout (and is answered from the stored record anyway).
+    session_id = uuid5(NAMESPACE, claim.scope) if claim else uuid4()
+    amount = Money(body.amount_minor, body.currency)
+    provider = LocalCheckoutProvider(request.app.state.settings.checkout_base_url)
+    checkout = provider.create_checkout(session_id, amount)
+    command = create_charge_session(
+        context(request, principal, "api", claim), session_id=session_id,
+        org_id=principal.tenant_id, user_id=principal.user_id,
+        provider_session_id=checkout.provider_session_id, url=checkout.url, amount=amount,
+        render=renderer(request, 200, _as_is))
+    return await run(request, command)
+
+
+@router.post("/api/v1/payments/webhook", operation_id="stripeWebhook")
+async def stripe_webhook(request: Request) -> JSONResponse:
+    raw = await request.body()
+    if not webhooks.verify(request.app.state.settings.webhook_secret, raw,
+                           request.headers.get(webhooks.HEADER)):
+        raise ApiError(401, "stripe_signature_invalid", "the webhook signature is not valid")
+    try:
+        event = json.loads(raw)
+        if not isinstance(event, dict):
+            raise ValueError("not an object")
+        event_id, event_type = event["id"], event["type"]
+        if not (isinstance(event_id, str) and event_id and isinstance(event_type, str)):
+            raise ValueError("id and type must be strings")
+    except (ValueError, KeyError) as error:
+        raise ApiError(400, "invalid_request", "the webhook body is not a provider event",
+                       reason=str(error)) from None
+    obj = (event.get("data") or {}).get("object") or {}
+    if not isinstance(obj, dict):
+        obj = {}
+    metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    try:
+        payment_session_id = UUID(str(metadata.get("payment_session_id")
+                                      or obj.get("client_reference_id")))
+    except ValueError:
+        payment_session_id = None
+    amount = None
+    if event_type == "checkout.session.completed":
+        try:
+            amount = provider_amount(obj.get("amount_total"), obj.get("currency"))
+        except DomainError as error:
+            raise ApiError(400, "invalid_request", error.message, **error.details) from None
+    intent = obj.get("payment_intent") if isinstance(obj.get("payment_intent"), str) else None
+    ctx = CommandContext(actor_id="stripe", actor_type="system", actor_role="system",
+                         source="webhook", correlation_id=correlation_id(request))
+    command = checkout_event(
+        ctx, provider_event_id=event_id, event_type=event_type,
+        payload_sha256=hashlib.sha256(raw).hexdigest(), payment_session_id=payment_session_id,
+        amount=amount, payment_intent_id=intent,
+        render=renderer(request, 200, lambda result: {"ok": True}))
+    return await run(request, command)
+
+
+@router.post("/api/v1/admin/payments/sessions/{payment_session_id}/reconcile",
+             operation_id="adminReconcilePaymentSession")
+async def admin_reconcile_payment_session(
+        payment_session_id: UUID, body: AdminReconcilePaymentSessionRequest, request: Request,
+        principal: Principal = Depends(authenticate)) -> JSONResponse:
+    require(principal, "platform.admin")
+    claim = idempotency.claim(request, principal, "adminReconcilePaymentSession",
+                              body.model_dump())
+    command = reconcile_payment_session(
+        context(request, principal, "admin", claim), payment_session_id=payment_session_id,
+        action=body.action, amount_minor=body.amount_minor, reason=body.reason,
+        failure_reason=body.failure_reason, render=renderer(request, 200, _as_is))
+    return await run(request, command)
+
+
+def _as_is(result: dict[str, Any]) -> dict[str, Any]:
+    return result
