@@ -107,7 +107,7 @@ class InMemoryBillingMachine(BillingMachine):
 
 
 TestInMemoryBilling = InMemoryBillingMachine.TestCase
-TestInMemoryBilling.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestInMemoryBilling.settings = settings(max_examples=500, stateful_step_count=30, deadline=None)
 
 
 @pytest.fixture(scope="module")
@@ -208,4 +208,4 @@ class GroupCommitMachine(InMemoryBillingMachine):
 
 
 TestGroupCommit = GroupCommitMachine.TestCase
-TestGroupCommit.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
+TestGroupCommit.settings = settings(max_examples=500, stateful_step_count=20, deadline=None)
