@@ -9,7 +9,10 @@ Commands decide only from aggregates (never from read models). Two ways to run o
   shared in-memory aggregates (each command rolled back alone if it is refused) and
   saves all their events in ONE transaction (group commit). If that save conflicts
   with another writer, nothing was written and each command of the batch is run
-  again through ``execute``.
+  again through ``execute``. The writer keeps saved aggregates warm in a cache; a
+  save's version check catches a stale one, and before a refusal decided from cached
+  state (which saves nothing, so no save checks it) is answered, the cached versions
+  are checked against the store; if one moved, the whole batch is decided again.
 
 Either way a command's events, and its idempotency record, are saved atomically.
 """
@@ -183,6 +186,12 @@ class Ledgercore(Application[UUID]):
             except Exception as unexpected:  # noqa: BLE001 - this command alone fails
                 answers.append(("error", unexpected))
                 continue
+            if error is not None and session.unproven():
+                # A refusal appends nothing, so no version check would catch a stale
+                # cached aggregate behind it: check the store's versions now.
+                if not self._still_current(session):
+                    self._decide_one_by_one(batch)
+                    return
             if error is not None and not (claim and error.final):
                 answers.append(("error", error) if not error.final
                                else ("done", Outcome(response, None)))
@@ -202,12 +211,8 @@ class Ledgercore(Application[UUID]):
             try:
                 recordings = self.save(*changed)
             except IntegrityError:
-                # Another writer got there first. Nothing of this batch was written:
-                # decide every command again, one at a time, from the store.
-                self.cache.clear()
-                self.conflicted_batches += 1
-                for command, future in batch:
-                    self._settle(future, lambda c=command: self.execute(c))
+                # Another writer got there first. Nothing of this batch was written.
+                self._decide_one_by_one(batch)
                 return
             except BaseException:
                 self.cache.clear()
@@ -239,6 +244,23 @@ class Ledgercore(Application[UUID]):
                 _, response, keys = answer
                 position = max((positions[k] for k in keys), default=None)
                 future.set_result(Outcome(response, position))
+
+    def _still_current(self, session: Session) -> bool:
+        """Are the cached aggregates the last command read still the stored ones?"""
+        for aggregate_id, version in session.unproven().items():
+            latest = self.recorder.select_events(aggregate_id, desc=True, limit=1)
+            if not latest or latest[0].originator_version != version:
+                return False
+            del session.from_cache[aggregate_id]
+        return True
+
+    def _decide_one_by_one(self, batch: list[tuple[Command, Future[Outcome]]]) -> None:
+        """Another writer moved an aggregate under the cache: nothing of this batch is
+        written yet, so decide every command again, in order, from the store."""
+        self.cache.clear()
+        self.conflicted_batches += 1
+        for command, future in batch:
+            self._settle(future, lambda c=command: self.execute(c))
 
     @staticmethod
     def _settle(future: Future[Outcome], run: Any) -> None:

@@ -109,6 +109,10 @@ class Session:
         self.default_currency = loader.default_currency
         self.cache = cache
         self.loaded: dict[UUID, Any | None] = {}
+        #: id -> version of state that came from the cache and is not yet proven fresh
+        self.from_cache: dict[UUID, int] = {}
+        #: ids the last command touched
+        self.touched: set[UUID] = set()
         self._undo: dict[UUID, tuple[Any | None, int]] | None = None
 
     def get(self, aggregate_id: UUID) -> Any | None:
@@ -116,6 +120,8 @@ class Session:
             aggregate = self.cache.get(aggregate_id) if self.cache else None
             if aggregate is None:
                 aggregate = self.loader.get_or_none(aggregate_id)
+            else:
+                self.from_cache[aggregate_id] = aggregate.version
             self.loaded[aggregate_id] = aggregate
         self._remember(aggregate_id)
         return self.loaded[aggregate_id]
@@ -138,6 +144,7 @@ class Session:
             appended += [(e.originator_id, e.originator_version)
                          for e in aggregate.pending_events[before:]]
             self.loaded[aggregate.id] = aggregate
+        self.touched = set(self._undo or ())
         self._undo = None
         return appended
 
@@ -146,7 +153,12 @@ class Session:
             if clone is not None:
                 clone._pending_events = self.loaded[aggregate_id].pending_events[:pending]
             self.loaded[aggregate_id] = clone
+        self.touched = set(self._undo or ())
         self._undo = None
+
+    def unproven(self) -> dict[UUID, int]:
+        """Cached state the last command read that no save has checked yet."""
+        return {i: v for i, v in self.from_cache.items() if i in self.touched}
 
     def changed(self) -> list[Any]:
         return [a for a in self.loaded.values() if a is not None and a.pending_events]

@@ -86,3 +86,16 @@ def test_submit_goes_through_the_writer_thread(app: Ledgercore) -> None:
         assert app.batches <= 200 and app.batched_commands == 200
     finally:
         app.stop_batching()
+
+
+def test_a_refusal_is_never_decided_from_a_stale_cache(app: Ledgercore) -> None:
+    user = uuid.uuid4()
+    run_batch(app, [command(user, "credit", 10)])  # warms the writer's cache at 10
+    behind_its_back = app.billing_account(user)
+    behind_its_back.adjust(direction="credit", amount=Money(5, "USD"), reason="other",
+                           adjustment_id=uuid.uuid4(), provenance={},
+                           at=behind_its_back.modified_on)
+    app.save(behind_its_back)  # the store says 15, the cache still 10
+    [future] = run_batch(app, [command(user, "debit", 15)])
+    assert future.result().response == {"answer": "ok"}
+    assert app.billing_account(user).balances == {"USD": 0}
