@@ -13,17 +13,20 @@ from api import errors
 from api.cache import ReadCache
 from api.commands import billing as billing_commands
 from api.commands import payments as payment_commands
+from api.commands import restrictions as restriction_commands
 from api.contract import served_document
 from api.middleware import RequestContext
 from api.queries import billing as billing_queries
 from api.queries import health
 from api.queries import payments as payment_queries
+from api.queries import posture
 from consumers.direct import DirectProjector
 from infra.db import Stores
 from infra.settings import Settings
 
 ROUTERS = (health.router, billing_commands.router, billing_queries.router,
-           payment_commands.router, payment_queries.router)
+           payment_commands.router, payment_queries.router, restriction_commands.router,
+           posture.router)
 
 
 def implemented_routes() -> dict[str, tuple[str, str]]:

@@ -6,4 +6,4 @@ the other way round. Importing the package registers every event class under its
 stable topic, so stored events always resolve.
 """
 
-from domain import billing, idempotency, payments  # noqa: F401  (registers stable topics)
+from domain import billing, idempotency, payments, restrictions  # noqa: F401  (registers stable topics)

@@ -8,7 +8,8 @@ May import: ``domain`` (events and value types only), ``eventsourcing`` and
 
 from projections.billing_ledger import BillingLedger
 from projections.payments import Payments
+from projections.restrictions import Restrictions
 
 #: every read model, in the order a batch applies them
-ALL = (BillingLedger(), Payments())
+ALL = (BillingLedger(), Payments(), Restrictions())
 BY_NAME = {projection.name: projection for projection in ALL}
