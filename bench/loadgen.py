@@ -1,0 +1,270 @@
+"""The load generator: one process of its own, ``httpx.AsyncClient`` with N concurrent
+tasks on keep-alive connections. The same generator drives ledgercore and the HTTP
+ceiling, so their figures compare.
+
+``python -m bench.loadgen SPEC.json RESULT.json``. The spec (see ``suite``):
+
+- ``kind``: ``adjust`` (POST adminAdjustBalance: credits, and debits the generator
+  knows are covered) or ``balance`` (GET getBillingBalance as each user);
+- ``concurrency``, ``duration`` (s), ``warmup`` (s, not counted in rates or
+  latencies), optionally ``rate`` (commands/s offered, open loop; else closed loop);
+- ``adjust``: ``admin_token``, ``users``, ``hot_user``, ``hot_share``, ``balances``
+  (what earlier runs acknowledged per user);
+- ``balance``: ``jwt_secret``, ``users``, ``pattern`` (``same`` user every time or
+  each user once, ``distinct``).
+
+Every request carries a fresh ``X-Request-Id``, which ledgercore stores as the events'
+correlation id: the integrity check finds each acknowledged command in the event store
+by it, and resolves requests that got no answer (``unknown``) the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import resource
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from typing import Any
+
+# httpcore asks ``import sniffio`` on every request to learn the async library; the
+# package is not installed, and each failed import searches sys.path again (0.7 ms of
+# the generator's CPU per request here). A None entry fails the import at once, and
+# httpcore then assumes asyncio, which is what it concluded anyway.
+sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
+
+import httpx  # noqa: E402
+
+from bench.cpu import CpuAccount  # noqa: E402
+from bench.stats import summary_ms  # noqa: E402
+
+ADJUST_PATH = "/api/v1/admin/users/{user}/balance"
+BALANCE_PATH = "/api/v1/billing/balance"
+
+
+class Adjustments:
+    """Chooses each command and records what the server answered."""
+
+    def __init__(self, spec: dict[str, Any], rng: random.Random):
+        self.rng = rng
+        self.users: list[str] = spec["users"]
+        self.hot: str | None = spec.get("hot_user")
+        self.hot_share: float = spec.get("hot_share", 0.0)
+        self.debit_share: float = spec.get("debit_share", 0.35)
+        self.headers = {"Authorization": f"Bearer {spec['admin_token']}",
+                        "Content-Type": "application/json"}
+        #: acknowledged balance per user (earlier runs included), and debits in flight
+        self.known: dict[str, int] = defaultdict(int, spec.get("balances", {}))
+        self.reserved: dict[str, int] = defaultdict(int)
+        self.acked: dict[str, int] = defaultdict(int)
+        self.acked_ids: dict[str, list[str]] = defaultdict(list)
+        self.refused: list[list[Any]] = []
+        self.unknown: list[dict[str, Any]] = []
+        self.positions: list[list[float]] = []
+
+    def choose(self) -> tuple[str, str, int]:
+        user = self.hot if self.hot and self.rng.random() < self.hot_share else self.rng.choice(self.users)
+        available = self.known[user] - self.reserved[user]
+        if available >= 100 and self.rng.random() < self.debit_share:
+            amount = self.rng.randint(1, min(available, 5000))
+            self.reserved[user] += amount
+            return user, "debit", amount
+        return user, "credit", self.rng.randint(100, 10_000)
+
+    async def one(self, client: httpx.AsyncClient) -> tuple[str, float, float]:
+        user, direction, amount = self.choose()
+        signed = amount if direction == "credit" else -amount
+        request_id = uuid.uuid4().hex
+        body = json.dumps({"direction": direction, "amount_minor": amount, "currency": "USD",
+                           "reason": "bench"}).encode()
+        started = time.monotonic()
+        try:
+            response = await client.post(ADJUST_PATH.format(user=user), content=body,
+                                         headers={**self.headers, "X-Request-Id": request_id})
+        except httpx.HTTPError as error:
+            ended = time.monotonic()
+            self.unknown.append({"request_id": request_id, "user": user, "signed": signed,
+                                 "error": type(error).__name__})
+            status = f"error {type(error).__name__}"
+        else:
+            ended = time.monotonic()
+            if response.status_code == 200:
+                self.known[user] += signed
+                self.acked[user] += signed
+                self.acked_ids[user].append(request_id)
+                position = response.headers.get("x-ledger-position")
+                if position is not None:
+                    self.positions.append([ended, int(position)])
+                status = "200"
+            else:
+                status = describe(response)
+                self.refused.append([request_id, user, status])
+        finally:
+            if direction == "debit":
+                self.reserved[user] -= amount
+        return status, started, ended
+
+    def result(self) -> dict[str, Any]:
+        return {"acked": dict(self.acked), "acked_ids": dict(self.acked_ids),
+                "refused": self.refused, "unknown": self.unknown, "positions": self.positions}
+
+
+class Balances:
+    """getBillingBalance as each user; counts X-Read-Model-Cache answers."""
+
+    def __init__(self, spec: dict[str, Any], rng: random.Random):
+        from api.auth import mint_token
+
+        users = list(spec["users"])
+        rng.shuffle(users)
+        self.distinct = spec.get("pattern", "same") == "distinct"
+        self.tokens = [mint_token(spec["jwt_secret"], user_id=user, ttl_seconds=7200)
+                       for user in (users if self.distinct else users[:1])]
+        self.next_index = 0
+        self.cache: Counter[str] = Counter()
+
+    def exhausted(self) -> bool:
+        return self.distinct and self.next_index >= len(self.tokens)
+
+    async def one(self, client: httpx.AsyncClient) -> tuple[str, float, float]:
+        token = self.tokens[self.next_index if self.distinct else 0]
+        self.next_index += 1
+        started = time.monotonic()
+        try:
+            response = await client.get(BALANCE_PATH, headers={"Authorization": f"Bearer {token}"})
+        except httpx.HTTPError as error:
+            return f"error {type(error).__name__}", started, time.monotonic()
+        ended = time.monotonic()
+        self.cache[response.headers.get("x-read-model-cache", "-")] += 1
+        return (str(response.status_code) if response.status_code == 200 else describe(response),
+                started, ended)
+
+    def result(self) -> dict[str, Any]:
+        return {"cache": dict(self.cache)}
+
+
+def describe(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        reason = (body.get("details") or {}).get("reason")
+        return f"{response.status_code} {body.get('code')}" + (f"/{reason}" if reason else "")
+    except (ValueError, AttributeError):
+        return str(response.status_code)
+
+
+async def drive(spec: dict[str, Any]) -> dict[str, Any]:
+    rng = random.Random(spec.get("seed"))
+    workload: Adjustments | Balances = (Adjustments(spec, rng) if spec["kind"] == "adjust"
+                                        else Balances(spec, rng))
+    concurrency = int(spec["concurrency"])
+    rate = spec.get("rate")
+    statuses: Counter[str] = Counter()
+    latencies: list[float] = []
+    in_window = 0
+    ok_in_window = 0
+    missed = 0
+    # One client (one keep-alive connection) per task: httpcore's pool scans every
+    # queued request against every connection on each change, which at 64 requests
+    # on one pool costs the generator more CPU than the server spends answering.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [httpx.AsyncClient(base_url=spec["base_url"], limits=limits,
+                                 timeout=httpx.Timeout(spec.get("timeout", 60.0)))
+               for _ in range(concurrency)]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = CpuAccount(spec.get("watch", {}), bench_pid=spec.get("bench_pid"))
+    try:
+        start = time.monotonic()
+        window_start = start + spec.get("warmup", 0.0)
+        end = window_start + spec["duration"]
+
+        async def one(client: httpx.AsyncClient) -> None:
+            nonlocal in_window, ok_in_window
+            status, started, ended = await workload.one(client)
+            statuses[status] += 1
+            if window_start <= ended <= end:  # rates: answers within the window
+                in_window += 1
+                ok_in_window += status == "200"
+            if window_start <= started <= end:  # latencies: requests sent within it
+                latencies.append(ended - started)
+
+        if rate:
+            queue: asyncio.Queue[float | None] = asyncio.Queue()
+
+            async def offer() -> None:
+                nonlocal missed
+                interval, due = 1.0 / rate, start
+                while due < end:
+                    delay = due - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if queue.qsize() < concurrency:
+                        queue.put_nowait(due)
+                    else:
+                        missed += 1  # the system is slower than the offered rate
+                    due += interval
+                for _ in range(concurrency):
+                    queue.put_nowait(None)
+
+            async def worker(client: httpx.AsyncClient) -> None:
+                while await queue.get() is not None:
+                    await one(client)
+
+            await asyncio.gather(offer(), *(worker(client) for client in clients))
+        else:
+            async def loop(client: httpx.AsyncClient) -> None:
+                while time.monotonic() < end and not (isinstance(workload, Balances)
+                                                      and workload.exhausted()):
+                    await one(client)
+
+            await asyncio.gather(*(loop(client) for client in clients))
+        finished = time.monotonic()
+        cpu_share = cpu.shares("load generator")
+    finally:
+        for client in clients:
+            await client.aclose()
+    window = max(min(finished, end) - window_start, 1e-9)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "kind": spec["kind"], "concurrency": concurrency, "rate_offered": rate,
+        "started": start, "window_start": window_start, "end": end, "finished": finished,
+        "requests": sum(statuses.values()), "in_window": in_window,
+        "window_seconds": window, "per_second": in_window / window,
+        "ok_per_second": ok_in_window / window, "missed_offers": missed,
+        "statuses": dict(statuses), "latency_ms": summary_ms(latencies),
+        "cpu_share": cpu_share, "max_rss_mib": peak_rss_mib(),
+        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0], "cpu_seconds": (usage.ru_utime + usage.ru_stime) - (before.ru_utime + before.ru_stime),
+        **workload.result(),
+    }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set since its exec (VmHWM; ``ru_maxrss`` would
+    carry over the forking parent's peak)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(coroutine: Any) -> Any:
+    """uvloop when installed (the project's servers use it too), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def main() -> None:
+    spec_path, result_path = sys.argv[1], sys.argv[2]
+    spec = json.loads(open(spec_path).read())
+    result = run(drive(spec))
+    with open(result_path, "w") as out:
+        json.dump(result, out)
+
+
+if __name__ == "__main__":
+    main()
