@@ -72,6 +72,47 @@ class BillingLedger:
                 (event.currency, event.amount_minor, notification_id, event.originator_id))
 
 
+    def apply_many(self, cur: Cursor[Any], schema: str, items: Any) -> None:
+        """The same as ``apply`` for each item, in a few set-based statements: account
+        openings first (an account's entries always follow its opening), then every
+        entry, then one balance upsert per (account, currency) with the summed amount."""
+        s = Identifier(schema)
+        opened = [(i.event.originator_id, i.event.owner_user_id, i.event.primary_currency,
+                   i.event.timestamp, i.notification_id)
+                  for i in items if isinstance(i.event, BillingAccount.Created)]
+        entries = [i for i in items if isinstance(i.event, BillingAccount.LedgerEntryPosted)]
+        if opened:
+            cur.executemany(SQL("INSERT INTO {0}.billing_accounts VALUES (%s, %s, %s, %s, %s)")
+                            .format(s), opened)
+        if not entries:
+            return
+        cur.execute(SQL("SELECT account_id, owner_user_id FROM {0}.billing_accounts"
+                        " WHERE account_id = ANY(%s)").format(s),
+                    (list({i.event.originator_id for i in entries}),))
+        owners = {row["account_id"]: row["owner_user_id"] for row in cur.fetchall()}
+        rows, deltas = [], {}
+        for item in entries:
+            e = item.event
+            if e.originator_id not in owners:
+                raise LookupError(f"ledger entry for unknown account {e.originator_id}")
+            owner = owners[e.originator_id]
+            rows.append((e.entry_id, e.originator_id, owner, e.seq, e.entry_type, e.amount_minor,
+                         e.currency, e.reference_type, e.reference_id, Jsonb(e.legs),
+                         e.balance_after_minor, e.prev_hash, e.entry_hash,
+                         e.provenance.get("correlation_id"), e.occurred_at, item.notification_id))
+            amount, _ = deltas.get((owner, e.currency), (0, 0))
+            deltas[(owner, e.currency)] = (amount + e.amount_minor, item.notification_id)
+        cur.executemany(SQL("INSERT INTO {0}.ledger_entries VALUES"
+                            " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+                        .format(s), rows)
+        cur.executemany(SQL(
+            "INSERT INTO {0}.balances VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (owner_user_id, currency) DO UPDATE SET"
+            " amount_minor = {0}.balances.amount_minor + EXCLUDED.amount_minor,"
+            " notification_id = EXCLUDED.notification_id").format(s),
+            [(owner, currency, amount, nid) for (owner, currency), (amount, nid) in deltas.items()])
+
+
 def account_balances(cur: Cursor[Any], schema: str, owner_user_id: UUID
                      ) -> tuple[str | None, list[tuple[str, int]]]:
     """(primary currency or None when no account exists, [(currency, amount_minor)])."""

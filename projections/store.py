@@ -36,6 +36,20 @@ class Projection(Protocol):
         """Write what ``event`` changes. Must not commit; raise to abort the batch."""
 
 
+def apply_items(projection: Projection, cur: Cursor[Any], schema: str,
+                items: Sequence[Item]) -> None:
+    """Apply events in order: through the projection's set-based ``apply_many`` when it
+    has one, otherwise one ``apply`` per event."""
+    if not items:
+        return
+    many = getattr(projection, "apply_many", None)
+    if many is not None:
+        many(cur, schema, items)
+        return
+    for item in items:
+        projection.apply(cur, schema, item.event, item.notification_id)
+
+
 @dataclass(frozen=True)
 class Item:
     notification_id: int
@@ -70,12 +84,14 @@ class ReadModelStore(PostgresTrackingRecorder):
                 name = tracking_name(projection.name, source)
                 done = self._max_tracking_id(name, cur) or 0
                 last = None
+                fresh = []
                 for item in items:
                     if item.notification_id <= done:
                         continue  # applied before (a republished or replayed event)
-                    projection.apply(cur, self.datastore.schema, item.event, item.notification_id)
+                    fresh.append(item)
                     done = last = item.notification_id
-                    applied += 1
+                apply_items(projection, cur, self.datastore.schema, fresh)
+                applied += len(fresh)
                 if last is not None:
                     self._insert_tracking(cur, Tracking(name, last))
                 if watermark is not None:
@@ -123,10 +139,10 @@ class ReadModelStore(PostgresTrackingRecorder):
             for table in projection.tables:
                 cur.execute(SQL("DELETE FROM {0}.{1}").format(schema, Identifier(table)))
             for batch in batches:
-                for item in batch:
-                    projection.apply(cur, self.datastore.schema, item.event, item.notification_id)
-                    last = item.notification_id
-                    count += 1
+                apply_items(projection, cur, self.datastore.schema, batch)
+                if batch:
+                    last = batch[-1].notification_id
+                count += len(batch)
             for source in sources or {"log"}:
                 cur.execute(SQL("DELETE FROM {0}.{1} WHERE application_name = %s").format(
                     schema, Identifier(self.tracking_table_name)),
