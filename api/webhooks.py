@@ -21,7 +21,10 @@ def sign(secret: str, body: bytes, at: int | None = None) -> str:
     return f"t={timestamp},v1={mac}"
 
 
-def verify(secret: str, body: bytes, header: str | None, now: float | None = None) -> bool:
+def verify(secret: str, body: bytes, header: str | None,
+           now_epoch_seconds: float | None = None) -> bool:
+    """True when ``header`` signs ``body`` with ``secret`` within the tolerance window
+    (``now_epoch_seconds`` is a clock reading, for tests; money never passes here)."""
     if not header:
         return False
     parts: dict[str, list[str]] = {}
@@ -32,7 +35,8 @@ def verify(secret: str, body: bytes, header: str | None, now: float | None = Non
         timestamp = int(parts["t"][0])
     except (KeyError, ValueError):
         return False
-    if abs((time.time() if now is None else now) - timestamp) > TOLERANCE_SECONDS:
+    now = time.time() if now_epoch_seconds is None else now_epoch_seconds
+    if abs(now - timestamp) > TOLERANCE_SECONDS:
         return False
     expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body,
                         hashlib.sha256).hexdigest()
