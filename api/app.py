@@ -12,6 +12,8 @@ from fastapi.routing import APIRoute
 from api import errors
 from api.cache import ReadCache
 from api.commands import billing as billing_commands
+from api.commands import inventory as inventory_commands
+from api.commands import launch
 from api.commands import payments as payment_commands
 from api.commands import restrictions as restriction_commands
 from api.contract import served_document
@@ -26,7 +28,8 @@ from infra.settings import Settings
 
 ROUTERS = (health.router, billing_commands.router, billing_queries.router,
            payment_commands.router, payment_queries.router, restriction_commands.router,
-           posture.router)
+           posture.router, inventory_commands.router,
+           launch.router)
 
 
 def implemented_routes() -> dict[str, tuple[str, str]]:

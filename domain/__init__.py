@@ -6,5 +6,5 @@ the other way round. Importing the package registers every event class under its
 stable topic, so stored events always resolve.
 """
 
-from domain import (billing, idempotency, inventory, payments, restrictions,  # noqa: F401
+from domain import (allocations, billing, idempotency, inventory, payments, restrictions,  # noqa: F401
                     skus)  # (importing them registers their stable topics)

@@ -28,6 +28,10 @@ def _components() -> dict[str, Any]:
     return _normalise(copy.deepcopy(contract()["components"]))
 
 
+#: what ``response_schema`` answers for a status declared without a body (a 204)
+NO_BODY: dict[str, Any] = {"no_body": True}
+
+
 def response_schema(method: str, path: str, status: int) -> dict[str, Any] | None:
     """The JSON schema of ``status``'s body for the operation, or None if undeclared."""
     responses = contract()["paths"][path][method.lower()]["responses"]
@@ -36,6 +40,8 @@ def response_schema(method: str, path: str, status: int) -> dict[str, Any] | Non
         return None
     if "$ref" in declared:
         declared = contract()["components"]["responses"][declared["$ref"].rsplit("/", 1)[1]]
+    if "content" not in declared:
+        return NO_BODY
     schema = declared["content"]["application/json"]["schema"]
     return {**_normalise(schema), "components": _components()}
 

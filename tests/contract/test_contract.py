@@ -14,7 +14,7 @@ import yaml
 
 from api.app import create_app, implemented_routes
 from api.contract import CONTRACT_JSON, contract, operations, served_document
-from tests.contract.schemas import error_schema, errors_in, response_schema
+from tests.contract.schemas import NO_BODY, error_schema, errors_in, response_schema
 from tests.harness import ServerThread, bearer, client
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "contract" / "gpuaas-openapi.yaml"
@@ -65,6 +65,9 @@ def check(method: str, path_template: str, response: Any) -> None:
         assert response.status_code in UNDECLARED_ALLOWED, \
             f"{method} {path_template} answered undeclared {response.status_code}"
         schema = error_schema()
+    if schema is NO_BODY:
+        assert response.content == b"", f"{method} {path_template} {response.status_code} has a body"
+        return
     problems = errors_in(response.json(), schema)
     assert not problems, f"{method} {path_template} {response.status_code}: {problems}"
 
