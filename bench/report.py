@@ -67,6 +67,14 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
         if transport == "kafka" and "direct" in lag:
             rows.append(_row(section, label, _latency(figures), "ms", "direct transport lag",
                              _latency(lag["direct"])))
+    section = "placement (launches racing for the last nodes of a SKU)"
+    for key, figures in lc.get("placement", {}).items():
+        if not key.startswith("writers_"):
+            continue
+        label = (f"{figures['writers']} writer(s), {figures['contenders']} contenders, "
+                 f"{figures['nodes']} nodes: claims/s")
+        rows.append(_row(section, label, figures["claims_per_second"], "/s",
+                         "attempts/s (admitted + refused)", figures["attempts_per_second"]))
     section = "replay"
     rep = lc.get("replay", {})
     if "catch_up" in rep:

@@ -9,7 +9,9 @@ Phases (one at a time, so they do not share the two cores):
    load, balance queries (cache hit and miss), then the integrity check;
 3. ledgercore, Kafka transport (server, ``relay`` and ``project`` processes):
    projection lag under the same load, then the integrity check;
-4. replay: a history of ``--events`` events, ``catch_up`` and ``rebuild`` rates.
+4. placement: launches racing for the last nodes of a SKU, through one and two
+   writers (``bench/placement.py``): claims per second under contention;
+5. replay: a history of ``--events`` events, ``catch_up`` and ``rebuild`` rates.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from bench import integrity, machine_limits, naive_eventsourcing, replay, report
+from bench import integrity, machine_limits, naive_eventsourcing, placement, replay, report
 from bench.cpu import CpuAccount
 from bench.harness import ROOT, BenchError, Run, Server, peak_rss_mib, wait_until
 from bench.projection_lag import PositionPoller, read_position, source_count
@@ -382,6 +384,26 @@ class Suite:
         self.results["integrity"]["kafka"] = self.check(stores, expect, "kafka")
 
     # ---- 4. replay -------------------------------------------------------------------------
+    def placement(self) -> None:
+        nodes, contenders, rounds = (20, 16, 3) if self.p.quick else (50, 32, 10)
+        out: dict[str, Any] = {}
+        for writers in (1, 2):
+            dsn = self.run.database(f"placement{writers}")
+            task = self.task(f"placement: {contenders} contenders, {writers} writer(s), "
+                             f"{nodes} nodes x {rounds} rounds", rounds)
+            meter = CpuAccount(include_children=True)
+            result = placement.measure(self.run.settings(dsn, pg_pool_size=4), nodes=nodes,
+                                       contenders=contenders, rounds=rounds, writers_count=writers,
+                                       tick=lambda n, t=task: self.progress.update(t, completed=n))
+            self.done(task)
+            self.check_meter(meter, f"placement ({writers} writers)", out)
+            out[f"writers_{writers}"] = result
+            self.results["integrity"][f"placement_{writers}"] = {
+                "label": f"placement ({writers} writers)", "ok": result["ok"],
+                "problems": [f"[placement] {p}" for p in result["problems"]],
+                "problem_count": len(result["problems"])}
+        self.results["ledgercore"]["placement"] = out
+
     def replay(self) -> None:
         from infra.db import Stores
 
@@ -555,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
                       disable=not console.is_terminal) as progress:
             suite = Suite(run, params, progress, console)
             for phase in (suite.machine_limits, suite.ledgercore_direct, suite.ledgercore_kafka,
-                          suite.replay):
+                          suite.placement, suite.replay):
                 phase_started = time.monotonic()
                 phase()
                 suite.phase_seconds[phase.__name__] = round(time.monotonic() - phase_started, 1)

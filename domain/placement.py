@@ -7,13 +7,15 @@ made on loaded aggregates; the save's version check makes a decision taken from 
 state another writer has since changed fail as a whole (and be decided again), so no
 slot or node is ever held by two live claims.
 
-Candidates come from the ``NodeDirectory`` aggregate in a fixed order: for slices the
-fullest node first (whole nodes stay free for baremetal), for baremetal nodes without
-slice history first, then by node id.
+Candidates come from the ``NodeDirectory`` aggregate: for slices the fullest node first
+(whole nodes stay free for baremetal), for baremetal nodes without slice history first,
+in random order among equals (see ``_candidates``).
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
 from itertools import groupby
 from typing import Any
 from uuid import UUID
@@ -84,13 +86,30 @@ def _claims_for(node: NodeInventory, sku: Sku, shape: str, k: int, *, allocation
 
 
 def _candidates(session: Session, sku: Sku, shape: str, region_code: str | None,
-                exclude: str | None) -> list[NodeInventory]:
-    nodes = [session.get(UUID(node_id)) for node_id in
-             directory(session).serving(sku.sku, shape, region_code) if node_id != exclude]
-    nodes = [n for n in nodes if isinstance(n, NodeInventory) and n.schedulable_status]
+                exclude: str | None) -> Iterator[NodeInventory]:
+    """Schedulable nodes that may serve ``sku``, best first, loaded as they are tried.
+
+    Slices: the fullest node first (whole nodes stay free for baremetal). Baremetal:
+    nodes without slice history first; among equals a random order, so that writers
+    racing for the same SKU mostly pick different nodes instead of all colliding on
+    the first free one (correctness never depends on the order: the guard does)."""
+    ids = [i for i in directory(session).serving(sku.sku, shape, region_code) if i != exclude]
     if shape == "gpu_slice":
-        return sorted(nodes, key=lambda n: (-len(n.live_claims()), n.node_id))
-    return sorted(nodes, key=lambda n: (n.has_slice_history, n.node_id))
+        nodes = [n for n in (session.get(UUID(i)) for i in ids)
+                 if isinstance(n, NodeInventory) and n.schedulable_status]
+        yield from sorted(nodes, key=lambda n: (-len(n.live_claims()), n.node_id))
+        return
+    random.shuffle(ids)
+    deferred = []
+    for node_id in ids:
+        node = session.get(UUID(node_id))
+        if not isinstance(node, NodeInventory) or not node.schedulable_status:
+            continue
+        if node.has_slice_history:
+            deferred.append(node)
+        else:
+            yield node
+    yield from deferred
 
 
 def reserve(session: Session, ctx: CommandContext, *, allocation_id: UUID, user_id: UUID,
