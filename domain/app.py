@@ -8,11 +8,12 @@ Commands decide only from aggregates (never from read models). Two ways to run o
   thread that takes every command waiting, decides them one after another against
   shared in-memory aggregates (each command rolled back alone if it is refused) and
   saves all their events in ONE transaction (group commit). If that save conflicts
-  with another writer, nothing was written and each command of the batch is run
-  again through ``execute``. The writer keeps saved aggregates warm in a cache; a
-  save's version check catches a stale one, and before a refusal decided from cached
-  state (which saves nothing, so no save checks it) is answered, the cached versions
-  are checked against the store; if one moved, the whole batch is decided again.
+  with another writer, nothing was written: the batch is decided again from the
+  store (up to ``BATCH_ATTEMPTS`` times), then each command alone through
+  ``execute``. The writer keeps saved aggregates warm in a cache; a save's version
+  check catches a stale one, and before a refusal decided from cached state (which
+  saves nothing, so no save checks it) is answered, the cached versions are checked
+  against the store; if one moved, the whole batch is decided again.
 
 Either way a command's events, and its idempotency record, are saved atomically.
 """
@@ -40,6 +41,8 @@ from domain.idempotency import IdempotencyRecord, record_id_for
 log = logging.getLogger("ledgercore.commands")
 MAX_ATTEMPTS = 8
 MAX_BATCH = 256
+#: times a batch is decided again as a whole after losing a race to another writer
+BATCH_ATTEMPTS = 3
 _STOP = object()
 
 
@@ -161,7 +164,7 @@ class Ledgercore(Application[UUID]):
             if stop:
                 return
 
-    def _write_batch(self, batch: list[tuple[Command, Future[Outcome]]]) -> None:
+    def _write_batch(self, batch: list[tuple[Command, Future[Outcome]]], attempt: int = 1) -> None:
         session = Session(self, self.cache)
         # per command: ("done", Outcome) | ("error", exc) | ("saved", response, keys)
         #              | ("replay", response): a record made earlier in this batch
@@ -190,7 +193,7 @@ class Ledgercore(Application[UUID]):
                 # A refusal appends nothing, so no version check would catch a stale
                 # cached aggregate behind it: check the store's versions now.
                 if not self._still_current(session):
-                    self._decide_one_by_one(batch)
+                    self._decide_again(batch, session, attempt)
                     return
             if error is not None and not (claim and error.final):
                 answers.append(("error", error) if not error.final
@@ -212,7 +215,7 @@ class Ledgercore(Application[UUID]):
                 recordings = self.save(*changed)
             except IntegrityError:
                 # Another writer got there first. Nothing of this batch was written.
-                self._decide_one_by_one(batch)
+                self._decide_again(batch, session, attempt)
                 return
             except BaseException:
                 self.cache.clear()
@@ -254,11 +257,22 @@ class Ledgercore(Application[UUID]):
             del session.from_cache[aggregate_id]
         return True
 
+    def _decide_again(self, batch: list[tuple[Command, Future[Outcome]]], session: Session,
+                      attempt: int) -> None:
+        """Another writer moved an aggregate this batch read: nothing of it is written
+        yet. Forget what the batch read from the cache and decide the batch again from
+        the store; after ``BATCH_ATTEMPTS`` lost races, one command at a time."""
+        self.conflicted_batches += 1
+        if attempt < BATCH_ATTEMPTS:
+            self.cache.discard(list(session.loaded))
+            self._write_batch(batch, attempt + 1)
+        else:
+            self._decide_one_by_one(batch)
+
     def _decide_one_by_one(self, batch: list[tuple[Command, Future[Outcome]]]) -> None:
         """Another writer moved an aggregate under the cache: nothing of this batch is
         written yet, so decide every command again, in order, from the store."""
         self.cache.clear()
-        self.conflicted_batches += 1
         for command, future in batch:
             self._settle(future, lambda c=command: self.execute(c))
 
