@@ -15,6 +15,7 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate
 
 from domain.commands import Command, Render, Session
+from domain.inventory import NodeInventory, claim_id_for
 from domain.placement import reserve
 from domain.provenance import CommandContext
 from domain.restrictions import effective_restriction
@@ -121,5 +122,51 @@ def submit_launch(ctx: CommandContext, *, user_id: UUID, tenant_id: UUID | None,
         task_id = uuid5(NAMESPACE, f"launch-task:{allocation_ids[0]}")
         changed = list({aggregate.id: aggregate for aggregate in changed}.values())
         return changed, {"task_id": str(task_id), "allocation_ids": allocation_ids}
+
+    return Command(ctx, decide, render)
+
+
+#: an allocation's status -> the status its backfilled claim starts at (allocations §3.2)
+CLAIM_STATUS_OF = {"requested": "reserved", "provisioning": "provisioning", "active": "active",
+                   "restarting": "active", "restart_failed": "active", "releasing": "releasing",
+                   "release_failed": "releasing"}
+
+
+def backfill_placement_claims(ctx: CommandContext, *, allocation_ids: list[UUID],
+                              render: Render) -> Command:
+    """``adminBackfillAllocationPlacementClaims``: a live baremetal lease on a node with
+    no claim gets its ``node_exclusive`` claim, unless the node is gone or another live
+    claim holds it (then it is skipped). A rerun finds no candidate."""
+
+    def decide(ctx: CommandContext, session: Session) -> tuple[list[Any], dict[str, Any]]:
+        changed: dict[UUID, Any] = {}
+        candidates = inserted = 0
+        for allocation_id in allocation_ids:
+            allocation = session.get(allocation_id)
+            lease = allocation.lease
+            status = CLAIM_STATUS_OF.get(allocation.status)
+            if lease["capacity_shape"] != "baremetal" or not lease["node_id"] or status is None:
+                continue
+            node = session.get(UUID(lease["node_id"]))
+            if node is not None and node.claims_of(str(allocation_id)):
+                continue
+            candidates += 1
+            if node is None or not node.listed or node.live_claims():
+                continue
+            claim = {"id": claim_id_for(allocation_id, node.node_id, None),
+                     "allocation_id": str(allocation_id), "node_id": node.node_id,
+                     "sku": lease["sku"], "user_id": lease["requested_by_user_id"],
+                     "project_id": lease["project_id"], "status": status,
+                     "claim_kind": "node_exclusive", "slot_id": None,
+                     "resource_snapshot": {"sku": lease["sku"], "gpus_total": lease["gpus_total"],
+                                           "region_code": node.identity["region_code"],
+                                           "host": node.identity["host"], "backfilled": True}}
+            node.trigger_event(NodeInventory.ClaimsReserved, allocation_id=str(allocation_id),
+                               claims=[claim], backfill=True, provenance=ctx.provenance(),
+                               timestamp=ctx.now)
+            changed[node.id] = node
+            inserted += 1
+        return list(changed.values()), {"candidate_count": candidates, "inserted_count": inserted,
+                                        "skipped_count": candidates - inserted}
 
     return Command(ctx, decide, render)

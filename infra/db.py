@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from eventsourcing.postgres import PostgresDatastore
@@ -78,6 +79,16 @@ class Stores:
 
     def position_source_prefix(self) -> str:
         return "log" if self.settings.transport == "direct" else f"kafka:{self.settings.kafka_topic}/"
+
+    def originators(self, topic: str) -> list[UUID]:
+        """Ids of the streams whose events include ``topic`` (e.g. every allocation),
+        read from the event store itself, never a read model."""
+        recorder = self.app.recorder
+        with self.query_pool.connection() as conn:
+            rows = conn.execute(SQL("SELECT DISTINCT originator_id FROM {0}.{1} WHERE topic = %s")
+                                .format(Identifier(recorder.datastore.schema),
+                                        Identifier(recorder.events_table_name)), (topic,)).fetchall()
+        return sorted(row["originator_id"] if isinstance(row, dict) else row[0] for row in rows)
 
     def close(self) -> None:
         if self._closed:

@@ -1,5 +1,6 @@
 """Inventory commands: nodes (create, probe, slots, retire, reactivate, remove, detach,
-force-detach, cordon, drain, resume-scheduling), SKUs and the concurrency policy.
+force-detach, cordon, drain, resume-scheduling), SKUs, the concurrency policy and the
+placement-claim backfill.
 
 Every operation with a V3 twin is one handler under both paths. All need
 ``platform.admin``. The node lifecycle mutations demand an ``Idempotency-Key``.
@@ -20,6 +21,7 @@ from api.auth import Principal, authenticate, require
 from api.commands import context, renderer, run
 from api.errors import ApiError, correlation_id
 from domain import nodes, placement, skus
+from domain.allocations import Allocation, backfill_placement_claims
 from domain.inventory_views import lifecycle_mutation_json, node_admin_json, slot_json
 
 router = APIRouter()
@@ -28,6 +30,7 @@ LIFECYCLE = "/api/v1/platform/lifecycle/nodes/{node_id}"
 LIFECYCLE_V3 = "/api/v1/v3/platform/lifecycle/nodes/{node_id}"
 PROBE_TIMEOUT_SECONDS = 2.0
 Strict = ConfigDict(extra="forbid", strict=True)
+ALLOCATION_REQUESTED = Allocation.Created.TOPIC
 
 
 async def probe_host(host: str, port: int) -> bool:
@@ -348,3 +351,29 @@ async def set_allocation_concurrency_policy(
                                           value=body.value, reason=body.reason,
                                           render=renderer(request, 200, lambda result: result))
     return await run(request, command)
+
+
+# ---- placement-claim backfill ------------------------------------------------------------
+#: the advisory lock one backfill run holds (a second concurrent run answers 503)
+BACKFILL_LOCK = 0x6C63_6266
+
+
+@router.post("/api/v1/admin/allocations/placement-claims/backfill",
+             operation_id="adminBackfillAllocationPlacementClaims")
+async def admin_backfill_allocation_placement_claims(
+        request: Request, principal: Principal = Depends(authenticate)) -> JSONResponse:
+    _admin(principal)
+    claim = idempotency.claim(request, principal, "adminBackfillAllocationPlacementClaims", None)
+    stores = request.app.state.stores
+    with stores.query_pool.connection() as lock:
+        row = lock.execute("SELECT pg_try_advisory_lock(%s) AS held", (BACKFILL_LOCK,)).fetchone()
+        if not row["held"]:
+            raise ApiError(503, "service_unavailable", "a placement-claim backfill is already running")
+        try:
+            allocation_ids = await asyncio.to_thread(stores.originators, ALLOCATION_REQUESTED)
+            command = backfill_placement_claims(
+                context(request, principal, "admin", claim), allocation_ids=allocation_ids,
+                render=renderer(request, 200, lambda result: result))
+            return await run(request, command)
+        finally:
+            lock.execute("SELECT pg_advisory_unlock(%s)", (BACKFILL_LOCK,))

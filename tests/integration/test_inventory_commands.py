@@ -289,3 +289,44 @@ def test_racing_clients_get_exactly_the_free_units(env: tuple[str, Stores], toke
     else:
         responses = race(urls, tokens, sku, clients)
     assert_exactly(stores, responses, 5, nodes, clients, held.json()["workload_id"])
+
+
+def legacy_lease(stores: Stores, node_id: str, sku: str) -> uuid.UUID:
+    """A baremetal lease recorded without its claim (as leases from before claims were)."""
+    from datetime import datetime, timezone
+
+    from domain.allocations import Allocation
+
+    allocation_id = uuid.uuid4()
+    lease = {"requested_by_user_id": str(uuid.uuid4()), "project_id": str(uuid.uuid4()),
+             "org_id": None, "sku": sku, "node_id": node_id, "capacity_shape": "baremetal",
+             "gpus_total": 8, "scheduler_type": "bare_metal", "name": None, "claim_ids": [],
+             "created_at": "2026-01-01T00:00:00Z"}
+    stores.app.save(Allocation._create(Allocation.Created, id=allocation_id, lease=lease,
+                                       provenance={"source": "import"},
+                                       timestamp=datetime.now(timezone.utc)))
+    return allocation_id
+
+
+def test_backfill_inserts_missing_claims_once_and_skips_held_nodes(env: tuple[str, Stores],
+                                                                   tokens: Any) -> None:
+    url, stores = env
+    admin, sku = tokens.admin(), f"bf-{uuid.uuid4().hex[:6]}"
+    backfill = "/api/v1/admin/allocations/placement-claims/backfill"
+    with client(url) as http:
+        make_sku(http, admin, baremetal_sku(sku))
+        node = make_node(http, admin, sku)["id"]
+        first = legacy_lease(stores, node, sku)
+        assert call(http, admin, "POST", backfill).json() == {
+            "candidate_count": 1, "inserted_count": 1, "skipped_count": 0}
+        claims = stores.app.get_or_none(uuid.UUID(node)).live_claims()
+        assert [(c["allocation_id"], c["claim_kind"]) for c in claims] == [(str(first), "node_exclusive")]
+        assert call(http, admin, "POST", backfill).json() == {
+            "candidate_count": 0, "inserted_count": 0, "skipped_count": 0}  # a rerun inserts nothing
+        legacy_lease(stores, node, sku)  # a second lease on the same node cannot be claimed
+        assert call(http, admin, "POST", backfill).json() == {
+            "candidate_count": 1, "inserted_count": 0, "skipped_count": 1}
+        project = uuid.uuid4()
+        caller = mint_token(tokens.secret, user_id=uuid.uuid4(), project_ids=[str(project)])
+        held = launch(http, caller, project, {"sku": sku})  # the only node is held by the backfill
+        assert held.status_code == 409 and held.json()["code"] == "sku_unavailable"
