@@ -18,7 +18,7 @@ from domain.commands import Command, Render, Session
 from domain.inventory import NodeInventory, claim_id_for
 from domain.placement import reserve
 from domain.provenance import CommandContext
-from domain.restrictions import effective_restriction
+from domain.restrictions import effective_restriction, restriction_id_for
 from domain.skus import NAMESPACE, current_policy, get_sku, iso, refusal
 
 
@@ -123,7 +123,9 @@ def submit_launch(ctx: CommandContext, *, user_id: UUID, tenant_id: UUID | None,
         changed = list({aggregate.id: aggregate for aggregate in changed}.values())
         return changed, {"task_id": str(task_id), "allocation_ids": allocation_ids}
 
-    return Command(ctx, decide, render)
+    scopes = [("user", user_id), ("project", project_id)] + ([("tenant", tenant_id)] if tenant_id else [])
+    reads = (quota_id_for(user_id), *(restriction_id_for(t, i) for t, i in scopes))
+    return Command(ctx, decide, render, reads=reads)
 
 
 #: an allocation's status -> the status its backfilled claim starts at (allocations §3.2)

@@ -25,6 +25,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
@@ -32,6 +33,8 @@ from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
+from eventsourcing.postgres import PostgresDatastore
+from psycopg.sql import SQL, Identifier
 
 from domain.billing import BillingAccount, account_id_for
 from domain.commands import AggregateCache, Command, Outcome, Session, run_decision
@@ -69,6 +72,13 @@ class Ledgercore(Application[UUID]):
             return self.repository.get(aggregate_id)
         except AggregateNotFoundError:
             return None
+
+    def absent(self, aggregate_ids: Sequence[UUID]) -> list[UUID]:
+        """Which of these aggregates have no event in the store (one query)."""
+        if not isinstance(getattr(self.recorder, "datastore", None), PostgresDatastore):
+            return []
+        present = self._latest_versions(list(aggregate_ids))
+        return [i for i in aggregate_ids if i not in present]
 
     def billing_account(self, owner_user_id: UUID) -> BillingAccount | None:
         return self.get_or_none(account_id_for(owner_user_id))
@@ -166,6 +176,9 @@ class Ledgercore(Application[UUID]):
 
     def _write_batch(self, batch: list[tuple[Command, Future[Outcome]]], attempt: int = 1) -> None:
         session = Session(self, self.cache)
+        reads = {i for command, _ in batch for i in command.reads}
+        reads |= {record_id_for(c.ctx.idempotency.scope) for c, _ in batch if c.ctx.idempotency}
+        session.known_absent(self.absent([i for i in reads if self.cache.get(i) is None]))
         # per command: ("done", Outcome) | ("error", exc) | ("saved", response, keys)
         #              | ("replay", response): a record made earlier in this batch
         answers: list[tuple[Any, ...]] = []
@@ -250,12 +263,27 @@ class Ledgercore(Application[UUID]):
 
     def _still_current(self, session: Session) -> bool:
         """Are the cached aggregates the last command read still the stored ones?"""
-        for aggregate_id, version in session.unproven().items():
-            latest = self.recorder.select_events(aggregate_id, desc=True, limit=1)
-            if not latest or latest[0].originator_version != version:
-                return False
+        unproven = session.unproven()
+        if self._latest_versions(list(unproven)) != unproven:
+            return False
+        for aggregate_id in unproven:
             del session.from_cache[aggregate_id]
         return True
+
+    def _latest_versions(self, aggregate_ids: list[UUID]) -> dict[UUID, int]:
+        """The stored version of each aggregate that has events (one query on Postgres)."""
+        datastore = getattr(self.recorder, "datastore", None)
+        if not isinstance(datastore, PostgresDatastore):
+            latest = {i: self.recorder.select_events(i, desc=True, limit=1) for i in aggregate_ids}
+            return {i: events[0].originator_version for i, events in latest.items() if events}
+        if not aggregate_ids:
+            return {}
+        with datastore.transaction(commit=False) as cursor:
+            cursor.execute(SQL("SELECT originator_id, max(originator_version) AS version FROM {0}.{1}"
+                               " WHERE originator_id = ANY(%s) GROUP BY originator_id").format(
+                Identifier(datastore.schema), Identifier(self.recorder.events_table_name)),
+                (aggregate_ids,))
+            return {row["originator_id"]: row["version"] for row in cursor.fetchall()}
 
     def _decide_again(self, batch: list[tuple[Command, Future[Outcome]]], session: Session,
                       attempt: int) -> None:

@@ -34,6 +34,9 @@ class Command:
     ctx: CommandContext
     decide: Decide
     render: Render
+    #: aggregates ``decide`` is known to read (often ones that do not exist yet): the
+    #: batch writer asks the store which of them exist in one query for the whole batch
+    reads: tuple[UUID, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,12 @@ class Session:
             self.loaded[aggregate_id] = aggregate
         self._remember(aggregate_id)
         return self.loaded[aggregate_id]
+
+    def known_absent(self, aggregate_ids: Sequence[UUID]) -> None:
+        """The store has just said these have no events: ``get`` answers None without
+        asking again (a later create still saves at version 1, checked by the store)."""
+        for aggregate_id in aggregate_ids:
+            self.loaded.setdefault(aggregate_id, None)
 
     # ---- per-command transactions ------------------------------------------------
     def begin(self) -> None:
