@@ -20,8 +20,9 @@ from api.contract import served_document
 from api.middleware import RequestContext
 from api.queries import billing as billing_queries
 from api.queries import health
+from api.queries import inventory as inventory_queries
 from api.queries import payments as payment_queries
-from api.queries import posture
+from api.queries import posture, precheck
 from consumers.direct import DirectProjector
 from infra.db import Stores
 from infra.settings import Settings
@@ -29,7 +30,7 @@ from infra.settings import Settings
 ROUTERS = (health.router, billing_commands.router, billing_queries.router,
            payment_commands.router, payment_queries.router, restriction_commands.router,
            posture.router, inventory_commands.router,
-           launch.router)
+           launch.router, inventory_queries.router, precheck.router)
 
 
 def implemented_routes() -> dict[str, tuple[str, str]]:

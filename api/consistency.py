@@ -25,12 +25,16 @@ def requested_position(request: Request) -> int | None:
     return int(raw)
 
 
-def current_position(stores: Stores, projection: str) -> int:
+def current_position(stores: Stores, projection: str | tuple[str, ...]) -> int:
+    """How far a read model has applied the event log; for several, the least of them
+    (an answer that reads them all is as current as the one furthest behind)."""
+    names = (projection,) if isinstance(projection, str) else projection
     with stores.query_pool.connection() as conn, conn.cursor() as cur:
-        return position(cur, projection, stores.position_source_prefix())
+        return min(position(cur, name, stores.position_source_prefix()) for name in names)
 
 
-def wait_for(stores: Stores, projection: str, wanted: int, timeout: float) -> tuple[bool, int]:
+def wait_for(stores: Stores, projection: str | tuple[str, ...], wanted: int,
+             timeout: float) -> tuple[bool, int]:
     """(reached, position). Polls with a short backoff; never longer than ``timeout``."""
     deadline = time.monotonic() + timeout
     delay = 0.002

@@ -7,9 +7,10 @@ May import: ``domain`` (events and value types only), ``eventsourcing`` and
 """
 
 from projections.billing_ledger import BillingLedger
+from projections.inventory import Inventory
 from projections.payments import Payments
 from projections.restrictions import Restrictions
 
 #: every read model, in the order a batch applies them
-ALL = (BillingLedger(), Payments(), Restrictions())
+ALL = (BillingLedger(), Payments(), Restrictions(), Inventory())
 BY_NAME = {projection.name: projection for projection in ALL}

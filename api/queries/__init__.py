@@ -28,7 +28,7 @@ def read_model_errors() -> Iterator[None]:
 
 
 def cached_query(request: Request, principal: Principal, *, operation_id: str,
-                 projection: str, query: dict[str, Any],
+                 projection: str | tuple[str, ...], query: dict[str, Any],
                  compute: Callable[[Any], dict[str, Any]]) -> JSONResponse:
     """Answer from the cache or the read model, honouring ``X-Ledger-Position``."""
     stores, cache, settings = (request.app.state.stores, request.app.state.cache,

@@ -289,6 +289,29 @@ def test_racing_clients_get_exactly_the_free_units(env: tuple[str, Stores], toke
     else:
         responses = race(urls, tokens, sku, clients)
     assert_exactly(stores, responses, 5, nodes, clients, held.json()["workload_id"])
+    # and the read models agree once they have caught up with the last admission
+    position = str(max(int(r.headers.get("X-Ledger-Position", 0)) for r in responses))
+    project = uuid.uuid4()
+    reader = mint_token(tokens.secret, user_id=uuid.uuid4(), project_ids=[str(project)])
+    with client(url) as http:
+        catalog = http.get("/api/v1/compute", params={"search": sku}, headers={
+            **bearer(reader), "X-Project-ID": str(project), "X-Ledger-Position": position})
+        check("GET", "/api/v1/compute", catalog)
+        assert catalog.headers["X-Read-Model-Cache"] != "stale"
+        [row] = catalog.json()["items"]
+        assert (row["available_units"], row["availability_state"]) == (0, "unavailable")
+        listed, cursor = {}, None
+        while True:
+            page = http.get(NODES, params={"page_size": 200, **({"cursor": cursor} if cursor else {})},
+                            headers={**bearer(admin), "X-Ledger-Position": position}).json()
+            listed |= {n["id"]: n for n in page["items"]}
+            cursor = page["pagination"]["next_cursor"]
+            if cursor is None:
+                break
+        assert all(listed[n]["in_use"] for n in nodes)
+        holders = {listed[n]["current_allocation"]["allocation_id"] for n in nodes}
+        assert holders == {held.json()["workload_id"]} | {r.json()["workload_id"] for r in responses
+                                                          if r.status_code == 202}
 
 
 def legacy_lease(stores: Stores, node_id: str, sku: str) -> uuid.UUID:
@@ -330,3 +353,43 @@ def test_backfill_inserts_missing_claims_once_and_skips_held_nodes(env: tuple[st
         caller = mint_token(tokens.secret, user_id=uuid.uuid4(), project_ids=[str(project)])
         held = launch(http, caller, project, {"sku": sku})  # the only node is held by the backfill
         assert held.status_code == 409 and held.json()["code"] == "sku_unavailable"
+
+
+def test_precheck_reads_capacity_quota_and_posture_and_writes_nothing(env: tuple[str, Stores],
+                                                                      tokens: Any) -> None:
+    url, stores = env
+    admin, sku = tokens.admin(), f"pc-{uuid.uuid4().hex[:6]}"
+    user, project = uuid.uuid4(), uuid.uuid4()
+    caller = mint_token(tokens.secret, user_id=user, project_ids=[str(project)])
+    precheck = "/api/v1/launch/compute/precheck"
+
+    def ask(http: httpx.Client, body: dict[str, Any], position: str) -> dict[str, Any]:
+        for path in (precheck, "/api/v1/v3/launch/compute/precheck"):
+            response = http.post(path, json=body, headers={
+                **bearer(caller), "X-Project-ID": str(project), "X-Ledger-Position": position})
+            check("POST", path, response)
+            assert response.status_code == 200
+        return {c["id"]: c for c in response.json()["checks"]} | {"_": response.json()}
+
+    with client(url) as http:
+        make_sku(http, admin, baremetal_sku(sku))
+        make_node(http, admin, sku)
+        last = call(http, admin, "POST", NODES, json={"host": f"pc-{sku}", "sku": sku, "gpus_total": 8,
+                                                      "region_code": "eu-1", "probe": False})
+        position = last.headers["X-Ledger-Position"]
+        before = appended(stores)
+        one = ask(http, {"sku": sku, "unit_count": 2}, position)
+        assert one["_"]["ready"] is True and one["_"]["severity"] == "ok"
+        assert one["_"]["estimate"]["hourly_rate"] == {"amount_minor": 5000, "currency": "USD"}
+        assert one["_"]["estimate"]["monthly_estimate"]["amount_minor"] == 5000 * 730
+        too_many = ask(http, {"sku": sku, "unit_count": 3}, position)
+        assert too_many["capacity"]["status"] == "blocker" and too_many["_"]["ready"] is False
+        unknown = ask(http, {"sku": "no-such-sku"}, position)
+        assert unknown["sku"]["inline_action_kind"] == "select_sku"
+        assert appended(stores) == before
+        restricted = http.post(f"/api/v1/admin/billing/financial-restrictions/user/{user}",
+                               json={"state": "suspended", "reason": "unpaid"}, headers=bearer(admin))
+        blocked = ask(http, {"sku": sku}, restricted.headers["X-Ledger-Position"])
+        assert blocked["billing"]["inline_action_kind"] == "add_funds" and not blocked["_"]["ready"]
+        refused = launch(http, caller, project, {"sku": sku})  # admission agrees
+        assert refused.status_code == 409 and refused.json()["code"] == "insufficient_balance"
