@@ -1,6 +1,7 @@
 """The write side of ledgercore: aggregates, their events and the command handlers.
 
-May import: the standard library and ``eventsourcing``. Nothing else of ours:
+May import: the standard library and ``eventsourcing`` (``app.py`` also uses
+``psycopg.sql`` for two batched queries on the library's event table). Nothing of ours:
 ``projections``, ``consumers``, ``api`` and ``infra`` depend on this package, never
 the other way round. Importing the package registers every event class under its
 stable topic, so stored events always resolve.
