@@ -8,6 +8,8 @@ processes).
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import uuid
 from dataclasses import replace
 from collections.abc import Callable
@@ -81,6 +83,9 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
         token = mint_token(settings.jwt_secret, user_id=DEV_ADMIN_ID, tenant_id=DEV_TENANT_ID,
                            role="admin", platform_roles=["platform_superadmin"], ttl_seconds=86400)
         print(f"admin development token (24 h):\n{token}", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again; turn
+    # that into SystemExit so the clean-up below (the embedded Postgres) still runs
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level="info", access_log=False)
