@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from infra.services import EmbeddedPostgres
 from tests.harness import CliProcess, free_port
 
 
@@ -38,3 +39,5 @@ def test_sigterm_stops_the_service_and_its_embedded_postgres() -> None:
         assert not (data_dir / "pg" / "postmaster.pid").exists(), process.output()
     finally:
         process.stop()
+        if (data_dir / "pg" / "postmaster.pid").exists():  # never leave one running
+            EmbeddedPostgres(data_dir / "pg").stop()
