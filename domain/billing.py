@@ -26,7 +26,16 @@ ENTRY_TYPES: dict[str, tuple[int, str]] = {
     "admin_credit": (+1, "adjustments"),
     "admin_debit": (-1, "adjustments"),
     "payment_credit": (+1, "psp_clearing"),
+    "refund": (-1, "refunds_payable"),
+    "refund_internal_credit": (+1, "refunds_payable"),
+    "chargeback": (-1, "psp_disputes"),
+    "chargeback_reversal": (+1, "psp_disputes"),
+    "usage_charge": (-1, "usage_revenue"),
 }
+#: entries that record what already happened elsewhere (the provider took the money,
+#: the GPU ran): they post even when the balance goes below zero; every other debit
+#: is refused rather than overdraw
+MAY_OVERDRAW = frozenset({"chargeback", "usage_charge"})
 
 
 def account_id_for(owner_user_id: UUID) -> UUID:
@@ -110,6 +119,14 @@ class BillingAccount(Aggregate):
         payment_session_id: UUID
         source: str  # webhook | manual
 
+    class MoneyMoved(LedgerEntryPosted):
+        """Any other movement (refunds, chargebacks and their reversals, usage
+        charges): ``details`` names what it settles (refund id, dispute id, rated
+        usage line, ...)."""
+
+        TOPIC = "ledgercore.LedgerMoneyMoved"
+        details: dict[str, Any]
+
     def __init__(self, owner_user_id: UUID, primary_currency: str, provenance: dict[str, Any]):
         self.owner_user_id = owner_user_id
         self.primary_currency = primary_currency
@@ -160,20 +177,30 @@ class BillingAccount(Aggregate):
                           provenance=provenance, at=at, payment_session_id=payment_session_id,
                           source=source)
 
+    def move(self, *, entry_type: str, amount: Money, reference_type: str, reference_id: str,
+             details: dict[str, Any], provenance: dict[str, Any], at: datetime) -> UUID:
+        """Post a refund, chargeback, reversal or usage charge (``ENTRY_TYPES``):
+        ``amount`` is positive, the entry type gives the sign."""
+        if amount.amount_minor < 1:
+            raise InvalidRequest("amount_minor must be at least 1", field="amount_minor")
+        return self._post(self.MoneyMoved, entry_type=entry_type, amount=amount,
+                          reference_type=reference_type, reference_id=reference_id,
+                          provenance=provenance, at=at, details=details)
+
     def _post(self, event_class: type[LedgerEntryPosted], *, entry_type: str, amount: Money,
               reference_type: str | None, reference_id: str | None,
               provenance: dict[str, Any], at: datetime, **extra: Any) -> UUID:
         sign, contra = ENTRY_TYPES[entry_type]
         signed = sign * amount.amount_minor
         after = self.balance(amount.currency) + signed
-        if after < 0:
+        if after < 0 and signed < 0 and entry_type not in MAY_OVERDRAW:
             raise InsufficientBalance(
                 "the balance does not cover this debit",
                 balance_minor=self.balance(amount.currency),
                 currency=amount.currency,
                 requested_minor=amount.amount_minor,
             )
-        if after > INT64_MAX:
+        if not -INT64_MAX <= after <= INT64_MAX:
             raise InvalidRequest("the balance would exceed the int64 range",
                                  reason="balance_out_of_range", currency=amount.currency)
         seq = self.entry_count + 1
