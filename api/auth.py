@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,20 @@ def require(principal: Principal, capability: str) -> None:
     if not principal.can(capability):
         code = "admin_required" if capability == "platform.admin" else "insufficient_permissions"
         raise ApiError(403, code, f"this operation needs the {capability} capability")
+
+
+def requires(capability: str) -> Callable[[Request], Awaitable[Principal]]:
+    """FastAPI dependency: the caller if they hold ``capability``, else 401/403 — before
+    the request's body or ids are looked at."""
+    async def dependency(request: Request) -> Principal:
+        principal = await authenticate(request)
+        require(principal, capability)
+        return principal
+    return dependency
+
+
+#: the dependency of every operator (``/admin``, ``/platform``) operation
+admin = requires("platform.admin")
 
 
 def project_scope(request: Request, principal: Principal) -> uuid.UUID:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import idempotency
-from api.auth import Principal, authenticate, require
+from api.auth import Principal, admin
 from api.commands import context, renderer, run
 from api.errors import ApiError
 from domain.billing import adjust_balance
@@ -29,8 +29,7 @@ class AdminAdjustBalanceRequest(BaseModel):
 
 @router.post("/api/v1/admin/users/{user_id}/balance", operation_id="adminAdjustBalance")
 async def admin_adjust_balance(user_id: UUID, body: AdminAdjustBalanceRequest, request: Request,
-                               principal: Principal = Depends(authenticate)) -> JSONResponse:
-    require(principal, "platform.admin")
+                               principal: Principal = Depends(admin)) -> JSONResponse:
     if not is_known_currency(body.currency):
         raise ApiError(400, "invalid_request", f"unknown currency {body.currency}",
                        field="currency", reason="unsupported_currency")

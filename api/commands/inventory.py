@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import idempotency
-from api.auth import Principal, authenticate, require
+from api.auth import Principal, admin
 from api.commands import context, renderer, run
 from api.errors import ApiError, correlation_id
 from domain import nodes, placement, skus
@@ -44,10 +44,6 @@ async def probe_host(host: str, port: int) -> bool:
     return True
 
 
-def _admin(principal: Principal) -> None:
-    require(principal, "platform.admin")
-
-
 def _required_key(request: Request) -> None:
     if not request.headers.get(idempotency.HEADER):
         raise ApiError(400, "validation_error", "this operation requires an Idempotency-Key",
@@ -70,8 +66,7 @@ class AdminCreateNodeRequest(BaseModel):
 
 @router.post("/api/v1/admin/nodes", operation_id="adminCreateNode")
 async def admin_create_node(body: AdminCreateNodeRequest, request: Request,
-                            principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _admin(principal)
+                            principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminCreateNode", body.model_dump())
     online = await probe_host(body.host, body.port) if body.probe else True
     identity = {"host": body.host, "hostname": body.hostname, "port": body.port,
@@ -87,8 +82,7 @@ async def admin_create_node(body: AdminCreateNodeRequest, request: Request,
 @router.post(LIFECYCLE + "/probe", operation_id="probeV3PlatformNode")
 @router.post(LIFECYCLE_V3 + "/probe", operation_id="probeV3PlatformNodeCompat")
 async def probe_node(node_id: UUID, request: Request,
-                     principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _admin(principal)
+                     principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminProbeNode", None)
     node = request.app.state.stores.app.get_or_none(node_id)
     if node is None or not getattr(node, "listed", False):
@@ -147,8 +141,7 @@ def slot_list(result: dict[str, Any]) -> dict[str, Any]:
 @router.put(LIFECYCLE_V3 + "/resource-slots", operation_id="upsertV3PlatformNodeResourceSlotsCompat")
 async def upsert_node_resource_slots(node_id: UUID, body: AdminUpsertNodeResourceSlotsRequest,
                                      request: Request,
-                                     principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _admin(principal)
+                                     principal: Principal = Depends(admin)) -> JSONResponse:
     given = body.model_dump(mode="json")
     claim = idempotency.claim(request, principal, "adminUpsertNodeResourceSlots", given)
     command = nodes.upsert_slots(context(request, principal, "admin", claim), node_id=node_id,
@@ -171,8 +164,7 @@ def _no_content(response: JSONResponse) -> Response:
 @router.delete(LIFECYCLE, operation_id="retireV3PlatformNode", status_code=204)
 @router.delete(LIFECYCLE_V3, operation_id="retireV3PlatformNodeCompat", status_code=204)
 async def retire_node(node_id: UUID, request: Request,
-                      principal: Principal = Depends(authenticate)) -> Response:
-    _admin(principal)
+                      principal: Principal = Depends(admin)) -> Response:
     claim = idempotency.claim(request, principal, "adminDeleteNode", None)
     command = nodes.retire(context(request, principal, "admin", claim), node_id=node_id,
                            render=renderer(request, 204, lambda result: None))
@@ -183,8 +175,7 @@ async def retire_node(node_id: UUID, request: Request,
 @router.post(LIFECYCLE + "/reactivate", operation_id="reactivateV3PlatformNode")
 @router.post(LIFECYCLE_V3 + "/reactivate", operation_id="reactivateV3PlatformNodeCompat")
 async def reactivate_node(node_id: UUID, request: Request,
-                          principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _admin(principal)
+                          principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminReactivateNode", None)
     command = nodes.reactivate(context(request, principal, "admin", claim), node_id=node_id,
                                render=renderer(request, 200, lambda result: {
@@ -194,8 +185,7 @@ async def reactivate_node(node_id: UUID, request: Request,
 
 def _tombstone_route(suffix: str, how: str, operation_ids: tuple[str, str, str]) -> None:
     async def handler(node_id: UUID, request: Request,
-                      principal: Principal = Depends(authenticate)) -> Response:
-        _admin(principal)
+                      principal: Principal = Depends(admin)) -> Response:
         claim = idempotency.claim(request, principal, operation_ids[0], None)
         command = nodes.tombstone(context(request, principal, "admin", claim), node_id=node_id,
                                   how=how, render=renderer(request, 204, lambda result: None))
@@ -216,8 +206,7 @@ _tombstone_route("/force-detach", "force_detached",
 
 def _lifecycle_route(suffix: str, decide: Any, status: int, operation: str) -> None:
     async def handler(node_id: UUID, request: Request,
-                      principal: Principal = Depends(authenticate)) -> JSONResponse:
-        _admin(principal)
+                      principal: Principal = Depends(admin)) -> JSONResponse:
         _required_key(request)
         claim = idempotency.claim(request, principal, f"{operation}V3PlatformNode", None)
         command = decide(context(request, principal, "admin", claim), node_id=node_id,
@@ -291,8 +280,7 @@ def _sku_admin(result: dict[str, Any]) -> dict[str, Any]:
 @router.post("/api/v1/v3/platform/config/skus", operation_id="createV3PlatformConfigSkuCompat",
              status_code=201)
 async def create_sku(body: AdminCreateSkuRequest, request: Request,
-                     principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _admin(principal)
+                     principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminCreateSku", body.model_dump())
     command = skus.create_sku(context(request, principal, "admin", claim), sku=body.sku,
                               spec=body.spec(), render=renderer(request, 201, _sku_admin))
@@ -302,8 +290,7 @@ async def create_sku(body: AdminCreateSkuRequest, request: Request,
 @router.patch("/api/v1/admin/skus/{sku}", operation_id="adminUpdateSku")
 @router.patch("/api/v1/v3/platform/config/skus/{sku}", operation_id="updateV3PlatformConfigSkuCompat")
 async def update_sku(sku: str, body: AdminUpdateSkuRequest, request: Request,
-                     principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _admin(principal)
+                     principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminUpdateSku", body.model_dump())
     command = skus.update_sku(context(request, principal, "admin", claim), sku=sku,
                               spec=body.spec(), live_claims=placement.live_claims_for_sku,
@@ -313,8 +300,7 @@ async def update_sku(sku: str, body: AdminUpdateSkuRequest, request: Request,
 
 def _sku_toggle_route(action: str, active: bool) -> None:
     async def handler(sku: str, request: Request,
-                      principal: Principal = Depends(authenticate)) -> JSONResponse:
-        _admin(principal)
+                      principal: Principal = Depends(admin)) -> JSONResponse:
         claim = idempotency.claim(request, principal, f"admin{action.title()}Sku", None)
         command = skus.set_sku_active(context(request, principal, "admin", claim), sku=sku,
                                       active=active, render=renderer(request, 200, _sku_admin))
@@ -343,8 +329,7 @@ class AdminSetAllocationConcurrencyPolicyRequest(BaseModel):
             operation_id="setV3PlatformConfigAllocationConcurrencyPolicyCompat")
 async def set_allocation_concurrency_policy(
         body: AdminSetAllocationConcurrencyPolicyRequest, request: Request,
-        principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _admin(principal)
+        principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminSetAllocationConcurrencyPolicy",
                               body.model_dump())
     command = skus.set_concurrency_policy(context(request, principal, "admin", claim),
@@ -361,8 +346,7 @@ BACKFILL_LOCK = 0x6C63_6266
 @router.post("/api/v1/admin/allocations/placement-claims/backfill",
              operation_id="adminBackfillAllocationPlacementClaims")
 async def admin_backfill_allocation_placement_claims(
-        request: Request, principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _admin(principal)
+        request: Request, principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminBackfillAllocationPlacementClaims", None)
     stores = request.app.state.stores
     with stores.query_pool.connection() as lock:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import idempotency
-from api.auth import Principal, authenticate, require
+from api.auth import Principal, admin
 from api.commands import context, renderer, run
 from domain.restrictions import set_financial_restriction
 
@@ -29,8 +29,7 @@ class SetFinancialRestrictionRequest(BaseModel):
 async def admin_set_financial_restriction(
         scope_type: Literal["tenant", "project", "user"], scope_id: UUID,
         body: SetFinancialRestrictionRequest, request: Request,
-        principal: Principal = Depends(authenticate)) -> JSONResponse:
-    require(principal, "platform.admin")
+        principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminSetFinancialRestriction",
                               body.model_dump())
     command = set_financial_restriction(

@@ -24,7 +24,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from api.auth import Principal, authenticate, project_scope, require
+from api.auth import Principal, admin, authenticate, project_scope
 from api.errors import ApiError
 from api.pagination import encode_cursor, page_request, pagination_block
 from api.queries import CACHE_HEADER, cached_query
@@ -103,11 +103,10 @@ def list_node_summaries(request: Request, principal: Principal = Depends(authent
 
 
 @router.get("/api/v1/admin/nodes", operation_id="adminListNodes")
-def admin_list_nodes(request: Request, principal: Principal = Depends(authenticate),
+def admin_list_nodes(request: Request, principal: Principal = Depends(admin),
                      cursor: str | None = None, page_size: int | None = Query(default=None),
                      status: Literal["active", "retired", "removing", "maintenance"] | None = None,
                      region_code: str | None = None) -> JSONResponse:
-    require(principal, "platform.admin")
     values = ADMIN_STATE[status] if status else None
     return _page(request, principal, operation_id="adminListNodes",
                  filters={"status": status, "region_code": region_code},
@@ -124,8 +123,7 @@ def admin_list_nodes(request: Request, principal: Principal = Depends(authentica
 @router.get("/api/v1/v3/platform/lifecycle/nodes/{node_id}/resource-slots",
             operation_id="listV3PlatformNodeResourceSlotsCompat")
 def admin_list_node_resource_slots(node_id: UUID, request: Request,
-                                   principal: Principal = Depends(authenticate)) -> JSONResponse:
-    require(principal, "platform.admin")
+                                   principal: Principal = Depends(admin)) -> JSONResponse:
 
     def compute(cur: Any) -> dict[str, Any]:
         slots = node_slots(cur, SCHEMA, node_id)
@@ -149,10 +147,9 @@ def list_public_skus(request: Request, principal: Principal = Depends(authentica
 
 
 @router.get("/api/v1/admin/skus", operation_id="adminListSkus")
-def admin_list_skus(request: Request, principal: Principal = Depends(authenticate),
+def admin_list_skus(request: Request, principal: Principal = Depends(admin),
                     cursor: str | None = None,
                     page_size: int | None = Query(default=None)) -> JSONResponse:
-    require(principal, "platform.admin")
     return _page(request, principal, operation_id="adminListSkus", filters={}, cursor=cursor,
                  page_size=page_size,
                  fetch=lambda cur, after, limit: list_skus(
@@ -183,8 +180,7 @@ def get_allocation_limits(request: Request,
 @router.get("/api/v1/v3/platform/config/quotas/allocation-concurrency",
             operation_id="getV3PlatformConfigAllocationConcurrencyPolicyCompat")
 def get_concurrency_policy(request: Request,
-                           principal: Principal = Depends(authenticate)) -> JSONResponse:
-    require(principal, "platform.admin")
+                           principal: Principal = Depends(admin)) -> JSONResponse:
     return cached_query(request, principal, operation_id="adminGetAllocationConcurrencyPolicy",
                         projection=PROJECTION, query={},
                         compute=lambda cur: concurrency_policy(cur, SCHEMA))

@@ -9,7 +9,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from api.auth import Principal, authenticate, require
+from api.auth import Principal, requires
 from api.errors import ApiError
 from api.pagination import encode_cursor, page_request, pagination_block
 from api.queries import cached_query
@@ -18,17 +18,17 @@ from projections.store import SCHEMA
 from domain.payments import session_json
 
 router = APIRouter()
+OPS_READ = requires("platform.ops.read")
 Status = Literal["initiated", "checkout_completed", "credited", "failed_reconcile", "expired"]
 
 
 @router.get("/api/v1/admin/payments/sessions", operation_id="adminListPaymentSessions")
 def admin_list_payment_sessions(
-        request: Request, principal: Principal = Depends(authenticate),
+        request: Request, principal: Principal = Depends(OPS_READ),
         cursor: str | None = None, page_size: int | None = Query(default=None),
         user_id: UUID | None = None, status: Status | None = None,
         from_: datetime | None = Query(default=None, alias="from"),
         to: datetime | None = None) -> JSONResponse:
-    require(principal, "platform.ops.read")
     if from_ and to and from_ > to:
         raise ApiError(400, "invalid_request", "from must not be after to", reason="range_inverted")
     filters = {"user_id": user_id, "status": status, "from": from_, "to": to}
@@ -65,8 +65,7 @@ def admin_list_payment_sessions(
 @router.get("/api/v1/admin/payments/sessions/{payment_session_id}",
             operation_id="adminGetPaymentSession")
 def admin_get_payment_session(payment_session_id: UUID, request: Request,
-                              principal: Principal = Depends(authenticate)) -> JSONResponse:
-    require(principal, "platform.ops.read")
+                              principal: Principal = Depends(OPS_READ)) -> JSONResponse:
 
     def compute(cur: Any) -> dict[str, Any]:
         found = get_session(cur, SCHEMA, payment_session_id)
