@@ -278,6 +278,9 @@ class NodeInventory(Aggregate):
             raise refusal("node_not_found", "not_found", "node not found", node_id=self.node_id)
 
     def guard_state(self, allowed: tuple[str, ...], action: str) -> None:
+        if self.status not in allowed and self.status == "offline":
+            raise refusal("node_offline", "conflict", f"cannot {action} a node that is offline",
+                          node_id=self.node_id)
         if self.status not in allowed:
             raise refusal("invalid_request", "conflict",
                           f"cannot {action} a node that is {self.status}",

@@ -22,7 +22,7 @@ from uuid import UUID
 
 from domain.commands import Session
 from domain.inventory import (CLAIM_EDGES, LIVE, TERMINAL, NodeInventory, claim_id_for,
-                              slot_sku)
+                              slot_is_approved, slot_sku)
 from domain.nodes import directory, get_node
 from domain.provenance import CommandContext
 from domain.skus import Sku, get_sku, refusal
@@ -44,9 +44,12 @@ def _shape_and_count(sku: Sku, count: int) -> tuple[str, int]:
     return shape, count
 
 
-def _slice_pick(node: NodeInventory, sku: Sku, k: int) -> list[dict[str, Any]] | None:
-    """k free slots of ``sku`` on ``node`` inside one topology group, or None."""
-    free = node.free_slice_slots(sku.sku)
+def _slice_pick(node: NodeInventory, sku: Sku, k: int,
+                allocation_id: str) -> list[dict[str, Any]] | None:
+    """k free slots of ``sku`` on ``node`` inside one topology group, or None. A slot the
+    allocation held before is not free for it: the ended claim keeps the claim id."""
+    free = [s for s in node.free_slice_slots(sku.sku)
+            if claim_id_for(allocation_id, node.node_id, s["id"]) not in node.claims]
     key = (sku.spec.get("resource_profile") or {}).get("topology_group_key")
     if key is None:
         return free[:k] if len(free) >= k else None
@@ -66,13 +69,15 @@ def _claims_for(node: NodeInventory, sku: Sku, shape: str, k: int, *, allocation
     base = {"allocation_id": allocation_id, "node_id": node.node_id, "sku": sku.sku,
             "user_id": user_id, "project_id": project_id, "status": "reserved"}
     if shape == "baremetal":
-        if node.identity["sku"] != sku.sku or not node.baremetal_free():
+        # a node the allocation held before: its ended claim keeps the claim id (§5.1)
+        if (node.identity["sku"] != sku.sku or not node.baremetal_free()
+                or claim_id_for(allocation_id, node.node_id, None) in node.claims):
             return None
         snapshot = {"sku": sku.sku, "gpus_total": node.identity["gpus_total"],
                     "region_code": node.identity["region_code"], "host": node.identity["host"]}
         return [{**base, "id": claim_id_for(allocation_id, node.node_id, None),
                  "claim_kind": "node_exclusive", "slot_id": None, "resource_snapshot": snapshot}]
-    picked = _slice_pick(node, sku, k)
+    picked = _slice_pick(node, sku, k, allocation_id)
     if picked is None:
         return None
     return [{**base, "id": claim_id_for(allocation_id, node.node_id, slot["id"]),
@@ -154,9 +159,13 @@ def advance(session: Session, ctx: CommandContext, *, node_id: UUID | str, alloc
             to: str, reason: str | None = None) -> NodeInventory:
     """Move an allocation's claims on a node to ``to`` along the claim state machine.
     Claims already there are left alone (a repeat is a no-op); terminal claims never
-    move again. When a draining node's last live claim ends, its drain completes."""
+    move again, nor keep the live ones from moving (an allocation placed on the node
+    again beside its ended claims). When a draining node's last live claim ends, its
+    drain completes."""
     node = get_node(session, node_id)
-    claims = [c for c in node.claims_of(str(allocation_id)) if c["status"] != to]
+    mine = node.claims_of(str(allocation_id))
+    live = [c for c in mine if c["status"] not in TERMINAL]
+    claims = [c for c in (live or mine) if c["status"] != to]
     stuck = [c for c in claims if to not in CLAIM_EDGES.get(c["status"], ())]
     if stuck:
         raise refusal("invalid_request", "conflict",
@@ -211,14 +220,18 @@ def move(session: Session, ctx: CommandContext, *, allocation_id: UUID, from_nod
 
 def record_slot_cleanup(session: Session, ctx: CommandContext, *, node_id: UUID | str,
                         slot_id: str, succeeded: bool) -> NodeInventory:
-    """A slot wipe finished: ``cleanup`` → ``available`` (or ``cleanup_blocked``)."""
+    """A slot wipe finished: ``cleanup`` → ``available`` (``disabled`` for a slice slot
+    without approved metadata), or ``cleanup_blocked`` when the wipe failed."""
     node = get_node(session, node_id)
     slot = node.slots.get(slot_id)
     if slot is None or slot["status"] != "cleanup":
         raise refusal("invalid_request", "conflict", "the slot is not in cleanup",
                       reason="slot_not_in_cleanup", slot_id=slot_id)
-    node.trigger_event(NodeInventory.SlotCleanupRecorded, slot_id=slot_id,
-                       outcome="available" if succeeded else "cleanup_blocked",
+    # only an approved slice slot may become available (§3.4 [C]); an unapproved one
+    # that an operator put into cleanup comes out disabled
+    approved = slot["capacity_shape"] != "gpu_slice" or slot_is_approved(slot)
+    outcome = ("available" if approved else "disabled") if succeeded else "cleanup_blocked"
+    node.trigger_event(NodeInventory.SlotCleanupRecorded, slot_id=slot_id, outcome=outcome,
                        provenance=ctx.provenance(), timestamp=ctx.now)
     return node
 
