@@ -15,14 +15,19 @@ from api.commands import billing as billing_commands
 from api.commands import inventory as inventory_commands
 from api.commands import launch
 from api.commands import payments as payment_commands
+from api.commands import refunds as refund_commands
 from api.commands import restrictions as restriction_commands
+from api.commands import shadow_rating
 from api.contract import served_document
 from api.middleware import RequestContext
 from api.queries import billing as billing_queries
+from api.queries import disputes as dispute_queries
 from api.queries import health
 from api.queries import inventory as inventory_queries
 from api.queries import payments as payment_queries
 from api.queries import posture, precheck
+from api.queries import refunds as refund_queries
+from api.queries import usage as usage_queries
 from consumers.direct import DirectProjector
 from infra.db import Stores
 from infra.settings import Settings
@@ -30,7 +35,9 @@ from infra.settings import Settings
 ROUTERS = (health.router, billing_commands.router, billing_queries.router,
            payment_commands.router, payment_queries.router, restriction_commands.router,
            posture.router, inventory_commands.router,
-           launch.router, inventory_queries.router, precheck.router)
+           launch.router, inventory_queries.router, precheck.router,
+           usage_queries.router, shadow_rating.router,
+           refund_commands.router, refund_queries.router, dispute_queries.router)
 
 
 def implemented_routes() -> dict[str, tuple[str, str]]:

@@ -7,5 +7,5 @@ the other way round. Importing the package registers every event class under its
 stable topic, so stored events always resolve.
 """
 
-from domain import (allocations, billing, idempotency, inventory, payments, restrictions,  # noqa: F401
-                    skus)  # (importing them registers their stable topics)
+from domain import (allocations, billing, disputes, idempotency, inventory, payments,  # noqa: F401
+                    refunds, restrictions, skus, usage)  # (importing them registers their stable topics)

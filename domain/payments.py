@@ -7,10 +7,16 @@ A session moves ``initiated → checkout_completed → credited``, or ends ``exp
 user's billing account, saved in the same transaction as the session's ``Credited``
 event, so a session is credited exactly once whoever (webhook or operator) gets there
 first: the loser of that race conflicts on the session's version and re-decides.
+The same command records the credited money as refundable (``domain.refunds``).
+
+Provider events other than a checkout's (disputes, refund outcomes) go through
+``provider_event``: the same inbox, then the handler ``domain.disputes`` or
+``domain.refunds`` supplies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -22,6 +28,7 @@ from domain.commands import Command, Render, Session
 from domain.errors import DomainError, InvalidRequest
 from domain.money import Money, is_known_currency
 from domain.provenance import CommandContext
+from domain.refunds import record_payment
 
 NAMESPACE = uuid5(NAMESPACE_URL, "https://ledgercore.invalid/payments")
 STATUSES = ("initiated", "checkout_completed", "credited", "failed_reconcile", "expired")
@@ -210,7 +217,11 @@ def _credit(ctx: CommandContext, session: Session, payment: PaymentSession, amou
                           amount_minor=amount.amount_minor, currency=amount.currency,
                           source=source, reason=reason, provenance=ctx.provenance(),
                           timestamp=ctx.now)
-    return [account, payment]
+    # the credited money becomes refundable, and disputes find it by payment intent
+    return [account, payment] + record_payment(
+        session, payment_session_id=payment.id, user_id=payment.initiated_by_user_id,
+        org_id=payment.org_id, payment_intent_id=payment.payment_intent_id, amount=amount,
+        at=ctx.now)
 
 
 # ---- commands ------------------------------------------------------------------------
@@ -271,6 +282,26 @@ def checkout_event(ctx: CommandContext, *, provider_event_id: str, event_type: s
                                   provenance=ctx.provenance(), timestamp=ctx.now)
             return changed + [payment], {"ok": True, "applied": True}
         return changed, {"ok": True, "applied": False}
+
+    return Command(ctx, decide, render)
+
+
+def provider_event(ctx: CommandContext, *, provider_event_id: str, event_type: str,
+                   payload_sha256: str,
+                   apply: Callable[[CommandContext, Session], tuple[list[Any], dict[str, Any]]],
+                   render: Render) -> Command:
+    """A verified provider event other than a checkout's (disputes, refund outcomes):
+    recorded once in the inbox, in the same transaction as what ``apply`` decides
+    (``domain.disputes``, ``domain.refunds``). A repeated event id changes nothing."""
+
+    def decide(ctx: CommandContext, session: Session) -> tuple[list[Any], dict[str, Any]]:
+        if session.get(inbox_id_for("stripe", provider_event_id)) is not None:
+            return [], {"ok": True, "duplicate": True}
+        inbox = ProviderEventInbox.receive("stripe", provider_event_id, event_type,
+                                           payload_sha256, ctx.provenance(), ctx.now)
+        changed, result = apply(ctx, session)
+        unique = list({id(a): a for a in [inbox, *changed]}.values())
+        return unique, {"ok": True, **result}
 
     return Command(ctx, decide, render)
 

@@ -1,5 +1,5 @@
-"""Payment commands: ``createChargeSession``, ``stripeWebhook``,
-``adminReconcilePaymentSession``."""
+"""Payment commands: ``createChargeSession``, ``stripeWebhook`` (checkouts, disputes and
+provider refund outcomes), ``adminReconcilePaymentSession``."""
 
 from __future__ import annotations
 
@@ -13,17 +13,24 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import idempotency, webhooks
-from api.auth import Principal, authenticate, require
+from api.auth import Principal, admin, authenticate
 from api.commands import context, renderer, run
 from api.errors import ApiError, correlation_id
+from domain.disputes import dispute_update, parse_provider_dispute
 from domain.errors import DomainError
 from domain.money import Money, is_known_currency
 from domain.payments import (NAMESPACE, checkout_event, create_charge_session,
-                             provider_amount, reconcile_payment_session)
+                             provider_amount, provider_event, reconcile_payment_session)
 from domain.provenance import CommandContext
+from domain.refunds import parse_provider_refund, refund_outcome
 from infra.payments import LocalCheckoutProvider
 
 router = APIRouter()
+#: provider events about money going back: disputes (any ``charge.dispute.*``) and
+#: the outcome of a provider refund this service asked for
+DISPUTE_EVENTS = "charge.dispute."
+REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed",
+                           "charge.refund.updated"})
 
 
 class CreateChargeSessionRequest(BaseModel):
@@ -79,9 +86,14 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     except (ValueError, KeyError) as error:
         raise ApiError(400, "invalid_request", "the webhook body is not a provider event",
                        reason=str(error)) from None
-    obj = (event.get("data") or {}).get("object") or {}
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
     if not isinstance(obj, dict):
         obj = {}
+    ctx = CommandContext(actor_id="stripe", actor_type="system", actor_role="system",
+                         source="webhook", correlation_id=correlation_id(request))
+    if event_type.startswith(DISPUTE_EVENTS) or event_type in REFUND_EVENTS:
+        return await _money_back_event(request, ctx, raw, event_id, event_type, obj)
     metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     try:
         payment_session_id = UUID(str(metadata.get("payment_session_id")
@@ -95,8 +107,6 @@ async def stripe_webhook(request: Request) -> JSONResponse:
         except DomainError as error:
             raise ApiError(400, "invalid_request", error.message, **error.details) from None
     intent = obj.get("payment_intent") if isinstance(obj.get("payment_intent"), str) else None
-    ctx = CommandContext(actor_id="stripe", actor_type="system", actor_role="system",
-                         source="webhook", correlation_id=correlation_id(request))
     command = checkout_event(
         ctx, provider_event_id=event_id, event_type=event_type,
         payload_sha256=hashlib.sha256(raw).hexdigest(), payment_session_id=payment_session_id,
@@ -105,12 +115,28 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     return await run(request, command)
 
 
+async def _money_back_event(request: Request, ctx: CommandContext, raw: bytes, event_id: str,
+                            event_type: str, obj: dict[str, Any]) -> JSONResponse:
+    """Disputes (``charge.dispute.*``) and provider refund outcomes: parsed here (a
+    malformed object is 400 with nothing recorded), applied once by event id."""
+    try:
+        if event_type.startswith(DISPUTE_EVENTS):
+            apply = dispute_update(event_id, parse_provider_dispute(obj))
+        else:
+            apply = refund_outcome(event_id, parse_provider_refund(obj))
+    except DomainError as error:
+        raise ApiError(400, "invalid_request", error.message, **error.details) from None
+    command = provider_event(ctx, provider_event_id=event_id, event_type=event_type,
+                             payload_sha256=hashlib.sha256(raw).hexdigest(), apply=apply,
+                             render=renderer(request, 200, lambda result: {"ok": True}))
+    return await run(request, command)
+
+
 @router.post("/api/v1/admin/payments/sessions/{payment_session_id}/reconcile",
              operation_id="adminReconcilePaymentSession")
 async def admin_reconcile_payment_session(
         payment_session_id: UUID, body: AdminReconcilePaymentSessionRequest, request: Request,
-        principal: Principal = Depends(authenticate)) -> JSONResponse:
-    require(principal, "platform.admin")
+        principal: Principal = Depends(admin)) -> JSONResponse:
     claim = idempotency.claim(request, principal, "adminReconcilePaymentSession",
                               body.model_dump())
     command = reconcile_payment_session(
