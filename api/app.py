@@ -15,17 +15,22 @@ from api.commands import billing as billing_commands
 from api.commands import inventory as inventory_commands
 from api.commands import launch
 from api.commands import payments as payment_commands
+from api.commands import reconciliation as reconciliation_commands
 from api.commands import refunds as refund_commands
 from api.commands import restrictions as restriction_commands
 from api.commands import shadow_rating
 from api.contract import served_document
 from api.middleware import RequestContext
 from api.queries import billing as billing_queries
+from api.queries import billing_account, budgets, invoices
+from api.queries import diagnostics as diagnostics_queries
 from api.queries import disputes as dispute_queries
+from api.queries import finance as finance_queries
 from api.queries import health
 from api.queries import inventory as inventory_queries
 from api.queries import payments as payment_queries
 from api.queries import posture, precheck
+from api.queries import reconciliation as reconciliation_queries
 from api.queries import refunds as refund_queries
 from api.queries import usage as usage_queries
 from consumers.direct import DirectProjector
@@ -37,7 +42,10 @@ ROUTERS = (health.router, billing_commands.router, billing_queries.router,
            posture.router, inventory_commands.router,
            launch.router, inventory_queries.router, precheck.router,
            usage_queries.router, shadow_rating.router,
-           refund_commands.router, refund_queries.router, dispute_queries.router)
+           refund_commands.router, refund_queries.router, dispute_queries.router,
+           reconciliation_commands.router, reconciliation_queries.router,
+           finance_queries.router, diagnostics_queries.router,
+           invoices.router, budgets.router, billing_account.router)
 
 
 def implemented_routes() -> dict[str, tuple[str, str]]:

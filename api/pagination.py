@@ -7,8 +7,11 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from api.errors import ApiError
 
@@ -67,3 +70,17 @@ def page_request(secret: str, *, cursor: str | None, page_size: int | None,
 
 def pagination_block(next_cursor: str | None, page_size: int) -> dict[str, Any]:
     return {"next_cursor": next_cursor, "page_size": page_size}
+
+
+def resume_sorted(after: list[Any] | None, sort: str, time_fields: Collection[str],
+                  since: datetime | None) -> tuple[tuple[Any, UUID] | None, datetime | None]:
+    """Where a sorted, time-windowed list resumes: the keyset position ``(value, id)``
+    and the window's start the cursor carries (a relative ``time_range`` stays the
+    window it resolved to on the first page). ``value`` is a datetime when the sort
+    field is one of ``time_fields``."""
+    if after is None:
+        return None, since
+    value, last_id, window = after
+    if sort.rpartition("_")[0] in time_fields:
+        value = datetime.fromisoformat(value)
+    return (value, UUID(last_id)), (None if window is None else datetime.fromisoformat(window))

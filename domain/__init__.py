@@ -9,3 +9,5 @@ stable topic, so stored events always resolve.
 
 from domain import (allocations, billing, disputes, idempotency, inventory, payments,  # noqa: F401
                     refunds, restrictions, skus, usage)  # (importing them registers their stable topics)
+from domain import reconciliation  # noqa: F401,E402
+from domain import budgets, invoices  # noqa: F401,E402

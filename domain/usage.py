@@ -6,7 +6,8 @@ frozen at that moment (later price or FX changes never revalue it), and closes w
 end time. Rating bills ``[last_billed_at, until)`` as one ``BillingRatedUsageLine``
 (``domain.rating``) and, in the same command, posts its ``usage_charge`` on the
 owner's ``BillingAccount``; the line records the entry's id. A zero-amount line posts
-no entry. Slices are contiguous from ``start_time``; rating up to a moment already
+no entry. Every line also goes, in the same command, onto the payer's draft invoice
+(``domain.invoices.invoice_line``). Slices are contiguous from ``start_time``; rating up to a moment already
 billed is a no-op.
 
 ``OpenUsageIndex`` shards (by record id) list the open records, so the clock tick
@@ -32,6 +33,7 @@ from eventsourcing.domain import Aggregate
 from domain.billing import BillingAccount, account_id_for
 from domain.commands import Command, Render, Session
 from domain.errors import DomainError
+from domain.invoices import invoice_line
 from domain.money import Money
 from domain.provenance import CommandContext
 from domain.rating import (NAMESPACE, Terms, fx_snapshot, iso, price_snapshot, rate_slice,
@@ -389,7 +391,8 @@ def rate_meter(session: Session, ctx: CommandContext, *, record_id: UUID,
     line = record.rate(account, until, ctx.provenance(), ctx.now)
     if line is None:
         return [], None
-    return ([record, account()] if charged(line) else [record]), line
+    invoiced = invoice_line(session, ctx, record, line)  # on the payer's draft invoice
+    return ([record, account()] if charged(line) else [record]) + invoiced, line
 
 
 def stop_meter(session: Session, ctx: CommandContext, *, record_id: UUID,
@@ -406,12 +409,13 @@ def stop_meter(session: Session, ctx: CommandContext, *, record_id: UUID,
     end = max(reported, record.billed_to)
     account = owner_account(session, ctx, record.owner)
     line = record.rate(account, end, ctx.provenance(), ctx.now)
+    invoiced = [] if line is None else invoice_line(session, ctx, record, line)
     record.trigger_event(UsageRecord.Stopped, end_time=end, reported_end_time=reported,
                          provenance=ctx.provenance(), timestamp=ctx.now)
     index = _index(session, shard_of(record_id), ctx)
     index.trigger_event(OpenUsageIndex.Removed, usage_record_id=str(record_id),
                         provenance=ctx.provenance(), timestamp=ctx.now)
-    changed = [record, index] + ([account()] if charged(line) else [])
+    changed = [record, index] + ([account()] if charged(line) else []) + invoiced
     return changed, line
 
 
@@ -496,6 +500,8 @@ def rate_open_usage(ctx: CommandContext, *, until: datetime, limit: int = TICK_L
                 changed[record.id] = record
                 if charged(line):
                     changed[account_id_for(record.owner)] = account()
+                for invoiced in invoice_line(session, ctx, record, line) if line else []:
+                    changed[invoiced.id] = invoiced
                 lines += _lines(record, line)
             if more:
                 break

@@ -2,7 +2,8 @@
 
 Subcommands: ``run`` (the service), ``token`` (mint a bearer token), ``rebuild`` (a read
 model from the event store), ``relay`` and ``project`` (the Kafka transport's
-processes).
+processes), ``invoices close|pay|void`` and ``budgets set`` (billing operator commands
+the contract has no operation for).
 """
 
 from __future__ import annotations
@@ -212,6 +213,168 @@ def relay() -> None:
 def project() -> None:
     """Run the projectors as a Kafka consumer group member (transport=kafka)."""
     _run_worker("project", _projector)
+
+
+# ---- billing operator commands: invoices and budgets (no contract operation does these) --
+invoices_cli = typer.Typer(no_args_is_help=True,
+                           help="invoices: close a month, record a payment, void and re-issue")
+budgets_cli = typer.Typer(no_args_is_help=True, help="budget policies of tenants and projects")
+cli.add_typer(invoices_cli, name="invoices")
+cli.add_typer(budgets_cli, name="budgets")
+
+
+def _operator_ctx() -> Any:
+    import getpass
+
+    from domain.provenance import CommandContext
+
+    return CommandContext(actor_id=f"cli:{getpass.getuser()}", actor_type="system",
+                          actor_role="operator", source="admin")
+
+
+def _render(result: Any) -> dict[str, Any]:
+    from domain.errors import DomainError
+
+    if isinstance(result, DomainError):
+        return {"error": {"code": result.code, "message": result.message,
+                          "details": result.details}}
+    return {"ok": result}
+
+
+def _billing_command(build: Callable[[Any], Any]) -> None:
+    """Open the stores, run ``build(stores)`` (which executes commands and returns what
+    to print as JSON), close them; a refusal prints the error and exits 1."""
+    import json
+
+    from infra.db import Stores
+
+    settings, pg = _with_database(Settings.from_env())
+    stores = Stores.open(settings)
+    try:
+        result = build(stores)
+    finally:
+        stores.close()
+        if pg is not None:
+            pg.stop()
+    print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, dict) and "error" in result:
+        raise typer.Exit(1)
+
+
+def _uuid_option(value: str, name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        console.print(f"{name} must be a uuid")
+        raise typer.Exit(2) from None
+
+
+@invoices_cli.command("close")
+def invoices_close(period: str = typer.Option(..., help="the month to close, YYYY-MM (UTC)"),
+                   rate: bool = typer.Option(True, "--rate/--no-rate",
+                                             help="first rate every open meter up to the "
+                                             "month's end, so its usage is on the invoices")) -> None:
+    """Finalize the month's draft invoices (draft → issued; zero totals → paid)."""
+    from datetime import datetime, timezone
+
+    from domain.errors import DomainError
+    from domain.invoices import Period, close_invoice_period
+    from domain.usage import rate_open_usage
+
+    try:
+        month = Period.parse(period)
+    except DomainError as error:
+        console.print(error.message)
+        raise typer.Exit(2) from None
+    if datetime.now(timezone.utc) < month.end:
+        console.print(f"{month.key} has not ended yet (it ends {month.end.isoformat()})")
+        raise typer.Exit(1)
+
+    def build(stores: Any) -> dict[str, Any]:
+        rated = 0
+        while rate:
+            answer = stores.app.execute(rate_open_usage(_operator_ctx(), until=month.end,
+                                                        render=_render)).response
+            if "error" in answer:
+                return answer
+            rated += answer["ok"]["rated_records"]
+            if not answer["ok"]["more"]:
+                break
+        finalized: list[Any] = []
+        while True:
+            answer = stores.app.execute(close_invoice_period(_operator_ctx(), period=month.key,
+                                                             render=_render)).response
+            if "error" in answer:
+                return answer
+            finalized += answer["ok"]["finalized"]
+            if not answer["ok"]["more"]:
+                return {"period": month.key, "rated_records": rated, "finalized": finalized}
+
+    _billing_command(build)
+
+
+@invoices_cli.command("pay")
+def invoices_pay(invoice: str = typer.Option(..., help="the invoice id"),
+                 amount_minor: int = typer.Option(..., help="amount paid, minor units"),
+                 reference: str = typer.Option(..., help="what paid it (a payment reference)")) -> None:
+    """Record a payment against an issued invoice (no ledger entry: evidence only)."""
+    from domain.invoices import apply_invoice_payment
+
+    invoice_id = _uuid_option(invoice, "--invoice")
+    _billing_command(lambda stores: stores.app.execute(apply_invoice_payment(
+        _operator_ctx(), invoice_id=invoice_id, amount_minor=amount_minor, reference=reference,
+        render=_render)).response)
+
+
+@invoices_cli.command("void")
+def invoices_void(invoice: str = typer.Option(..., help="the invoice id"),
+                  reason: str = typer.Option(..., help="why it is voided")) -> None:
+    """Void an issued invoice; its lines move to a new draft of the same month, which
+    the month's next ``invoices close`` issues."""
+    from domain.invoices import void_invoice
+
+    invoice_id = _uuid_option(invoice, "--invoice")
+    _billing_command(lambda stores: stores.app.execute(void_invoice(
+        _operator_ctx(), invoice_id=invoice_id, reason=reason, render=_render)).response)
+
+
+@budgets_cli.command("set")
+def budgets_set(tenant: str = typer.Option(..., help="the tenant (org) uuid"),
+                project: Optional[str] = typer.Option(None, help="a project uuid: a project "
+                                                      "budget instead of the tenant's"),
+                name: str = typer.Option(..., help="the budget's name (setting it again updates it)"),
+                amount_minor: int = typer.Option(..., help="the budget, minor units"),
+                currency: str = typer.Option("USD"),
+                period: str = typer.Option("monthly", help="monthly | quarterly | annual | custom"),
+                threshold: int = typer.Option(80, help="warn at this percent of the budget"),
+                mode: str = typer.Option("notify_only",
+                                         help="notify_only | block_launch | suspend"),
+                starts_at: Optional[str] = typer.Option(None, help="ISO-8601; default: the "
+                                                        "start of the current period"),
+                ends_at: Optional[str] = typer.Option(None, help="ISO-8601 (custom: required)"),
+                active: bool = typer.Option(True, "--active/--inactive")) -> None:
+    """Create or update a budget policy."""
+    from datetime import datetime
+
+    from domain.budgets import set_budget
+    from domain.money import Money, is_known_currency
+
+    if not is_known_currency(currency):
+        console.print(f"unknown currency {currency}")
+        raise typer.Exit(2)
+    try:
+        starts = datetime.fromisoformat(starts_at) if starts_at else None
+        ends = datetime.fromisoformat(ends_at) if ends_at else None
+    except ValueError:
+        console.print("--starts-at and --ends-at are ISO-8601 times with a zone")
+        raise typer.Exit(2) from None
+    org = _uuid_option(tenant, "--tenant")
+    project_id = _uuid_option(project, "--project") if project else None
+    _billing_command(lambda stores: stores.app.execute(set_budget(
+        _operator_ctx(), org_id=org, scope_type="project" if project_id else "tenant",
+        project_id=project_id, name=name, period=period, amount=Money(amount_minor, currency),
+        threshold_percent=threshold, enforcement_mode=mode, active=active, starts_at=starts,
+        ends_at=ends, render=_render)).response)
 
 
 def main() -> None:

@@ -7,14 +7,18 @@ May import: ``domain`` (events and value types only), ``eventsourcing`` and
 """
 
 from projections.billing_ledger import BillingLedger
+from projections.budgets import Budgets
 from projections.disputes import Disputes
+from projections.finance import FinanceAudit
 from projections.inventory import Inventory
+from projections.invoices import Invoices
 from projections.payments import Payments
+from projections.reconciliation import ReconciliationRuns
 from projections.refunds import Refunds
 from projections.restrictions import Restrictions
 from projections.usage import Usage
 
 #: every read model, in the order a batch applies them
 ALL = (BillingLedger(), Payments(), Restrictions(), Inventory(), Usage(), Refunds(),
-       Disputes())
+       Disputes(), ReconciliationRuns(), FinanceAudit(), Invoices(), Budgets())
 BY_NAME = {projection.name: projection for projection in ALL}

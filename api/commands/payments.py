@@ -1,5 +1,7 @@
 """Payment commands: ``createChargeSession``, ``stripeWebhook`` (checkouts, disputes and
-provider refund outcomes), ``adminReconcilePaymentSession``."""
+provider refund outcomes), ``adminReconcilePaymentSession`` (also routed as
+``reconcileV3PlatformFinancePaymentSession`` and its ``Compat`` twin, one idempotency
+scope for the three)."""
 
 from __future__ import annotations
 
@@ -134,6 +136,10 @@ async def _money_back_event(request: Request, ctx: CommandContext, raw: bytes, e
 
 @router.post("/api/v1/admin/payments/sessions/{payment_session_id}/reconcile",
              operation_id="adminReconcilePaymentSession")
+@router.post("/api/v1/platform/finance/payment-sessions/{payment_session_id}/reconcile",
+             operation_id="reconcileV3PlatformFinancePaymentSession")
+@router.post("/api/v1/v3/platform/finance/payment-sessions/{payment_session_id}/reconcile",
+             operation_id="reconcileV3PlatformFinancePaymentSessionCompat")
 async def admin_reconcile_payment_session(
         payment_session_id: UUID, body: AdminReconcilePaymentSessionRequest, request: Request,
         principal: Principal = Depends(admin)) -> JSONResponse:

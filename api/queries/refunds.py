@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.auth import Principal, authenticate, requires
 from api.errors import ApiError
-from api.pagination import encode_cursor, page_request, pagination_block
+from api.pagination import encode_cursor, page_request, pagination_block, resume_sorted
 from api.queries import CACHE_HEADER, cached_query
 from domain.refunds import refund_json
 from projections.refunds import list_refunds
@@ -98,13 +98,7 @@ def _page(request: Request, principal: Principal, operation_id: str, *, user_id:
     page = page_request(secret, cursor=cursor, page_size=page_size, operation_id=operation_id,
                         sort=sort, filters=filters, scope=principal.scope_key)
     field = sort.rpartition("_")[0]
-    after = None
-    if page.after is not None:
-        value, last_id, window = page.after
-        if field in ("created_at", "updated_at"):
-            value = datetime.fromisoformat(value)
-        after = (value, UUID(last_id))
-        since = None if window is None else datetime.fromisoformat(window)
+    after, since = resume_sorted(page.after, sort, ("created_at", "updated_at"), since)
 
     def compute(cur: Any) -> dict[str, Any]:
         rows = list_refunds(cur, SCHEMA, user_id=user_id, status=status,
