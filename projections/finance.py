@@ -123,9 +123,11 @@ class FinanceAudit:
 
     @staticmethod
     def _insert(cur: Cursor[Any], schema: str, rows: list[tuple[Any, ...]]) -> None:
-        cur.executemany(SQL("INSERT INTO {0}.finance_audit VALUES"
-                            " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)").format(Identifier(schema)),
-                        rows)
+        """One ``COPY`` per batch (a batch is applied once: its tracking position is
+        written in the same transaction)."""
+        with cur.copy(SQL("COPY {0}.finance_audit FROM STDIN").format(Identifier(schema))) as copy:
+            for row in rows:
+                copy.write_row(row)
 
 
 # ---- rows as the contract's JSON -------------------------------------------------------
