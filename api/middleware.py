@@ -11,9 +11,9 @@ MAX_REQUEST_ID = 128
 
 
 class RequestContext:
-    """Takes ``X-Request-Id`` (≤128 chars) as the correlation id or makes one, echoes
-    it on the response, and refuses bodies over ``max_body_bytes`` with a 400
-    ``ErrorResponse`` before any handler runs."""
+    """Takes ``X-Request-Id`` as the correlation id or makes one, echoes it on the
+    response, and refuses an ``X-Request-Id`` over 128 characters and bodies over
+    ``max_body_bytes`` with a 400 ``ErrorResponse`` before any handler runs."""
 
     def __init__(self, app: Any, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -26,6 +26,12 @@ class RequestContext:
         given = headers.get("x-request-id", "")
         correlation = given if 0 < len(given) <= MAX_REQUEST_ID else str(uuid.uuid4())
         scope.setdefault("state", {})["correlation_id"] = correlation
+        if len(given) > MAX_REQUEST_ID:
+            await self._refuse(send, correlation, f"X-Request-Id must be at most "
+                               f"{MAX_REQUEST_ID} characters",
+                               {"fields": [{"location": "header", "field": "X-Request-Id",
+                                            "reason": "too_long", "message": "at most 128"}]})
+            return
 
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -61,10 +67,14 @@ class RequestContext:
         await self.app(scope, replay, send_with_id)
 
     async def _too_large(self, send: Any, correlation: str) -> None:
-        payload = json.dumps({
-            "code": "validation_error", "message": "request body too large",
-            "details": {"reason": "body_too_large", "limit_bytes": self.max_body_bytes},
-            "correlation_id": correlation}).encode()
+        await self._refuse(send, correlation, "request body too large",
+                           {"reason": "body_too_large", "limit_bytes": self.max_body_bytes})
+
+    @staticmethod
+    async def _refuse(send: Any, correlation: str, message: str, details: dict[str, Any]) -> None:
+        """A 400 ``validation_error`` answered before any handler runs."""
+        payload = json.dumps({"code": "validation_error", "message": message,
+                              "details": details, "correlation_id": correlation}).encode()
         await send({"type": "http.response.start", "status": 400,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(payload)).encode())]})

@@ -72,8 +72,11 @@ def test_request_id_is_the_correlation_id_and_is_echoed(http: TestClient) -> Non
     response = http.get("/scoped", headers={"X-Request-Id": "abc-123"})
     assert response.json()["correlation_id"] == "abc-123"
     assert response.headers["X-Request-Id"] == "abc-123"
-    generated = http.get("/scoped", headers={"X-Request-Id": "x" * 129})
-    assert generated.json()["correlation_id"] != "x" * 129
+    generated = http.get("/scoped")
+    assert len(generated.json()["correlation_id"]) == 36  # made here when none is given
+    too_long = http.get("/scoped", headers={"X-Request-Id": "x" * 129})
+    assert too_long.status_code == 400 and too_long.json()["code"] == "validation_error"
+    assert too_long.json()["correlation_id"] != "x" * 129
 
 
 def test_unknown_routes_and_methods_answer_the_error_envelope(http: TestClient) -> None:
