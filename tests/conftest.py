@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -104,6 +105,34 @@ def make_settings(services: Services, dsn: str, **overrides: Any) -> Settings:
     base = Settings(pg_dsn=dsn, redis_url=services.redis_url, jwt_secret=SECRET,
                     redis_prefix=f"lc-test-{RUN_ID}-{uuid.uuid4().hex[:6]}", read_wait_seconds=10)
     return replace(base, **overrides)
+
+
+@dataclass
+class Served:
+    """A real API server and the ``Stores`` it shares with the test."""
+
+    url: str
+    stores: Stores
+    settings: Settings
+    dsn: str
+
+
+@contextmanager
+def serve_own_database(services: Services, **overrides: Any) -> Iterator[Served]:
+    """A server over a database of its own (dropped afterwards), for tests whose lists,
+    counts or rebuilds must see only what they wrote."""
+    from api.app import create_app
+    from tests.harness import ServerThread
+
+    database = Database(services)
+    settings = make_settings(services, database.dsn, **overrides)
+    stores = Stores.open(settings)
+    try:
+        with ServerThread(create_app(settings, stores)) as server:
+            yield Served(server.url, stores, settings, database.dsn)
+    finally:
+        stores.close()
+        database.drop()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from api import webhooks
-from api.app import create_app
 from api.auth import mint_token
 from domain import usage
 from domain.allocations import Allocation
@@ -30,7 +29,7 @@ from domain.money import Money
 from domain.provenance import CommandContext
 from domain.usage import UsageRecord
 from tests.contract.test_contract import check
-from tests.harness import ServerThread, bearer, client
+from tests.harness import bearer, client
 
 RUN = "/api/v1/admin/billing/reconciliation"
 RUN_V3 = "/api/v1/platform/finance/reconciliation"
@@ -172,19 +171,11 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(services: Any) -> Iterator[Env]:
-    from infra.db import Stores
-    from tests.conftest import Database, make_settings
+    from tests.conftest import serve_own_database
 
-    database = Database(services)
-    settings = make_settings(services, database.dsn, webhook_secret="whsec_finance")
-    stores = Stores.open(settings)
-    try:
-        with ServerThread(create_app(settings, stores)) as server:
-            with client(server.url) as http:
-                yield Env(http, stores, settings)
-    finally:
-        stores.close()
-        database.drop()
+    with serve_own_database(services, webhook_secret="whsec_finance") as served:
+        with client(served.url) as http:
+            yield Env(http, served.stores, served.settings)
 
 
 def customer(env: Env) -> tuple[uuid.UUID, str]:

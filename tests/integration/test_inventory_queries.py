@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from api.app import create_app
 from api.auth import mint_token
 from consumers.direct import catch_up
 from consumers.rebuild import rebuild
@@ -27,7 +26,7 @@ from infra.db import Stores
 from projections import BY_NAME
 from tests.contract.schemas import error_schema, errors_in
 from tests.contract.test_contract import check
-from tests.harness import ServerThread, bearer, client
+from tests.harness import bearer, client
 
 NODES, ADMIN_NODES = "/api/v1/nodes", "/api/v1/admin/nodes"
 SLOTS = "/api/v1/admin/nodes/{node_id}/resource-slots"
@@ -91,17 +90,10 @@ def admin_ctx() -> CommandContext:
 @pytest.fixture(scope="module")
 def env(services: Any) -> Iterator[Env]:
     """A database of its own, so lists and counts see only what these tests wrote."""
-    from tests.conftest import Database, make_settings
+    from tests.conftest import serve_own_database
 
-    database = Database(services)
-    settings = make_settings(services, database.dsn)
-    stores = Stores.open(settings)
-    try:
-        with ServerThread(create_app(settings, stores)) as server:
-            yield Env(server.url, stores)
-    finally:
-        stores.close()
-        database.drop()
+    with serve_own_database(services) as served:
+        yield Env(served.url, served.stores)
 
 
 def spec(resource_class: str = "gpu_baremetal", display: str = "GPU node") -> dict[str, Any]:

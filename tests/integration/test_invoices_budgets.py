@@ -20,7 +20,6 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from api.app import create_app
 from consumers.direct import catch_up
 from consumers.rebuild import rebuild
 from domain import billing, budgets, invoices, skus, usage
@@ -33,7 +32,7 @@ from infra.db import Stores
 from projections import BY_NAME
 from tests.contract.schemas import errors_in, response_schema
 from tests.contract.test_contract import check
-from tests.harness import ServerThread, bearer, client
+from tests.harness import bearer, client
 
 INVOICES, INVOICE = "/api/v1/billing/invoices", "/api/v1/billing/invoices/{invoice_id}"
 POSTURE, DECISIONS = "/api/v1/billing/budget-posture", "/api/v1/billing/budget-decisions"
@@ -112,17 +111,10 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(services: Any) -> Iterator[Env]:
-    from tests.conftest import Database, make_settings
+    from tests.conftest import serve_own_database
 
-    database = Database(services)
-    settings = make_settings(services, database.dsn)
-    stores = Stores.open(settings)
-    try:
-        with ServerThread(create_app(settings, stores)) as server:
-            yield Env(server.url, stores, database.dsn)
-    finally:
-        stores.close()
-        database.drop()
+    with serve_own_database(services) as served:
+        yield Env(served.url, served.stores, served.dsn)
 
 
 def sku(env: Env, price: int) -> str:
@@ -568,21 +560,14 @@ def test_billing_account_and_currency_settings(env: Env, budgeted: Budgeted,
 
 
 # ---- the operator CLI ----------------------------------------------------------------
-def test_the_cli_closes_pays_voids_and_sets_budgets(services: Any, new_database: Any,
-                                                    tokens: Any, tmp_path: Any,
+def test_the_cli_closes_pays_voids_and_sets_budgets(services: Any, tokens: Any, tmp_path: Any,
                                                     monkeypatch: Any) -> None:
     """On a database of its own: its close rates every open meter there."""
-    from tests.conftest import SECRET, make_settings
+    from tests.conftest import SECRET, serve_own_database
 
-    database = new_database()
-    settings = make_settings(services, database.dsn)
-    stores = Stores.open(settings)
-    try:
-        with ServerThread(create_app(settings, stores)) as server:
-            cli_scenario(Env(server.url, stores, database.dsn), tokens, tmp_path, monkeypatch,
-                         SECRET)
-    finally:
-        stores.close()
+    with serve_own_database(services) as served:
+        cli_scenario(Env(served.url, served.stores, served.dsn), tokens, tmp_path, monkeypatch,
+                     SECRET)
 
 
 def cli_scenario(env: Env, tokens: Any, tmp_path: Any, monkeypatch: Any, secret: str) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 
-from api.app import create_app
 from api.queries.usage import CSV_COLUMNS, _export
 from consumers.direct import catch_up
 from consumers.rebuild import rebuild
@@ -29,7 +28,7 @@ from infra.db import Stores
 from projections import BY_NAME
 from projections.usage import UsageFilter, stream_usage
 from tests.contract.test_contract import check
-from tests.harness import ServerThread, bearer, client
+from tests.harness import bearer, client
 
 USAGE, CSV = "/api/v1/billing/usage", "/api/v1/billing/usage/csv"
 RATED, LINE = "/api/v1/billing/rated-usage", "/api/v1/billing/rated-usage/{rated_usage_line_id}"
@@ -71,17 +70,10 @@ class Env:
 @pytest.fixture(scope="module")
 def env(services: Any) -> Iterator[Env]:
     """A database of its own, so the rebuild sees only what these tests wrote."""
-    from tests.conftest import Database, make_settings
+    from tests.conftest import serve_own_database
 
-    database = Database(services)
-    settings = make_settings(services, database.dsn)
-    stores = Stores.open(settings)
-    try:
-        with ServerThread(create_app(settings, stores)) as server:
-            yield Env(server.url, stores)
-    finally:
-        stores.close()
-        database.drop()
+    with serve_own_database(services) as served:
+        yield Env(served.url, served.stores)
 
 
 @dataclass
