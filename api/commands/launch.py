@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
-from uuid import UUID
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from api import idempotency
 from api.auth import Principal, authenticate, project_scope
 from api.commands import context, renderer, run
 from api.errors import ApiError
+from api.launch_request import V3ComputeLaunchSubmitRequest
 from domain.allocations import submit_launch
 
 router = APIRouter()
-
-
-class V3ComputeLaunchSubmitRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str | None = Field(default=None, max_length=120)
-    sku: str = Field(min_length=1)
-    resource_class: Literal["gpu_baremetal", "gpu_slice", "cpu_vm", "cpu_baremetal",
-                            "control_plane"] | None = None
-    unit_count: int | None = Field(default=None, ge=1)
-    os_image_slug: str | None = None
-    region_code: str | None = None
-    scheduler_type: Literal["bare_metal", "slurm", "k8s", "ray"] | None = None
-    ssh_key_ids: list[UUID] = Field(default_factory=list, strict=False)
-    storage_bucket_ids: list[str] = Field(default_factory=list)
-    network_policy_id: str | None = None
-    scheduler_request: dict[str, Any] = Field(default_factory=dict)
 
 
 def accepted(result: dict[str, Any]) -> dict[str, Any]:

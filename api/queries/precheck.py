@@ -9,14 +9,14 @@ launched, per hour, and 730 hours for a month.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Principal, authenticate, project_scope
+from api.launch_request import V3ComputeLaunchPrecheckRequest
 from api.queries import cached_query
 from api.queries.inventory import allocation_limits, v3_meta, with_meta_cache
 from projections.inventory import sku_capacity
@@ -26,21 +26,6 @@ from projections.store import SCHEMA
 router = APIRouter()
 HOURS_PER_MONTH = 730
 SEVERITY = {"ok": 0, "warn": 1, "blocker": 2}
-
-
-class V3ComputeLaunchPrecheckRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    sku: str = Field(min_length=1)
-    resource_class: Literal["gpu_baremetal", "gpu_slice", "cpu_vm", "cpu_baremetal",
-                            "control_plane"] | None = None
-    unit_count: int | None = Field(default=None, ge=1)
-    os_image_slug: str | None = None
-    region_code: str | None = None
-    scheduler_type: Literal["bare_metal", "slurm", "k8s", "ray"] | None = None
-    ssh_key_ids: list[UUID] = Field(default_factory=list, strict=False)
-    storage_bucket_ids: list[str] = Field(default_factory=list)
-    network_policy_id: str | None = None
-    scheduler_request: dict[str, Any] = Field(default_factory=dict)
 
 
 def check(id_: str, label: str, status: str, message: str, action: str = "none",
