@@ -38,3 +38,15 @@ def claim(request: Request, principal: Principal, operation_id: str,
     })).hexdigest()
     scope = f"{principal.actor_type}:{principal.user_id}:{operation_id}:{key}"
     return IdempotencyClaim(scope=scope, fingerprint=fingerprint)
+
+
+def required_claim(request: Request, principal: Principal, operation_id: str,
+                   body: dict[str, Any] | None) -> IdempotencyClaim:
+    """``claim`` for an operation whose contract says the key is mandatory: without
+    one, 400."""
+    found = claim(request, principal, operation_id, body)
+    if found is None:
+        raise ApiError(400, "validation_error", f"this operation requires an {HEADER}",
+                       fields=[{"location": "header", "field": HEADER, "reason": "missing",
+                                "message": "required"}])
+    return found

@@ -44,13 +44,6 @@ async def probe_host(host: str, port: int) -> bool:
     return True
 
 
-def _required_key(request: Request) -> None:
-    if not request.headers.get(idempotency.HEADER):
-        raise ApiError(400, "validation_error", "this operation requires an Idempotency-Key",
-                       fields=[{"location": "header", "field": idempotency.HEADER,
-                                "reason": "missing", "message": "required"}])
-
-
 # ---- nodes ------------------------------------------------------------------------------
 class AdminCreateNodeRequest(BaseModel):
     model_config = Strict
@@ -207,8 +200,7 @@ _tombstone_route("/force-detach", "force_detached",
 def _lifecycle_route(suffix: str, decide: Any, status: int, operation: str) -> None:
     async def handler(node_id: UUID, request: Request,
                       principal: Principal = Depends(admin)) -> JSONResponse:
-        _required_key(request)
-        claim = idempotency.claim(request, principal, f"{operation}V3PlatformNode", None)
+        claim = idempotency.required_claim(request, principal, f"{operation}V3PlatformNode", None)
         command = decide(context(request, principal, "admin", claim), node_id=node_id,
                          render=renderer(request, status, lambda result: lifecycle_mutation_json(
                              result, correlation_id(request))))

@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from api import idempotency
 from api.auth import Principal, authenticate, project_scope
 from api.commands import context, renderer, run
-from api.errors import ApiError
 from api.launch_request import V3ComputeLaunchSubmitRequest
 from domain.allocations import submit_launch
 
@@ -33,12 +32,8 @@ def accepted(result: dict[str, Any]) -> dict[str, Any]:
 async def submit_v3_compute_launch(body: V3ComputeLaunchSubmitRequest, request: Request,
                                    principal: Principal = Depends(authenticate)) -> JSONResponse:
     project_id = project_scope(request, principal)
-    claim = idempotency.claim(request, principal, "submitV3ComputeLaunch",
-                              body.model_dump(mode="json"))
-    if claim is None:
-        raise ApiError(400, "validation_error", "this operation requires an Idempotency-Key",
-                       fields=[{"location": "header", "field": idempotency.HEADER,
-                                "reason": "missing", "message": "required"}])
+    claim = idempotency.required_claim(request, principal, "submitV3ComputeLaunch",
+                                       body.model_dump(mode="json"))
     command = submit_launch(
         context(request, principal, "api", claim), user_id=principal.user_id,
         tenant_id=principal.tenant_id, project_id=project_id, sku=body.sku,
