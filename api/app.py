@@ -11,9 +11,10 @@ from fastapi.routing import APIRoute
 
 from api import errors
 from api.cache import ReadCache
+from api.commands import allocations
 from api.commands import billing as billing_commands
 from api.commands import inventory as inventory_commands
-from api.commands import launch
+from api.commands import node_tasks
 from api.commands import payments as payment_commands
 from api.commands import reconciliation as reconciliation_commands
 from api.commands import refunds as refund_commands
@@ -40,7 +41,7 @@ from infra.settings import Settings
 ROUTERS = (health.router, billing_commands.router, billing_queries.router,
            payment_commands.router, payment_queries.router, restriction_commands.router,
            posture.router, inventory_commands.router,
-           launch.router, inventory_queries.router, precheck.router,
+           allocations.router, node_tasks.router, inventory_queries.router, precheck.router,
            usage_queries.router, shadow_rating.router,
            refund_commands.router, refund_queries.router, dispute_queries.router,
            reconciliation_commands.router, reconciliation_queries.router,

@@ -3,7 +3,9 @@
 Claims: ``sub`` (user or service-account uuid), ``tenant_id``, ``project_ids`` (the
 caller's project memberships), ``project_id`` (a service account's one project),
 ``role`` (``user``|``admin``), ``platform_roles``, ``capabilities``, ``actor_type``
-(``user``|``service_account``), ``exp``. Order of checks (api-conventions §2.5):
+(``user``|``service_account``|``node``), ``exp``. A ``node`` token is a node agent's:
+its ``sub`` is the node id, and it is good only for that node's ``/internal`` task
+channel (docs/decisions.md: it stands in for the contract's mTLS). Order of checks (api-conventions §2.5):
 401 for the token, 400 for a malformed ``X-Project-ID``, then 403 for scope and role.
 """
 
@@ -94,7 +96,9 @@ def principal_from_token(token: str, secret: str) -> Principal:
         if role == "admin":
             capabilities.update(ALL_CAPABILITIES)
         actor_type = str(claims.get("actor_type", "user"))
-        if actor_type not in ("user", "service_account") or role not in ("user", "admin"):
+        if actor_type not in ("user", "service_account", "node") or role not in ("user", "admin"):
+            raise ValueError("unknown actor type or role")
+        if actor_type == "node" and (role != "user" or capabilities or platform_roles):
             raise ValueError("unknown actor type or role")
         return Principal(
             user_id=_uuid(claims["sub"]),
@@ -136,6 +140,16 @@ def requires(capability: str) -> Callable[[Request], Awaitable[Principal]]:
         require(principal, capability)
         return principal
     return dependency
+
+
+async def node_agent(request: Request) -> Principal:
+    """FastAPI dependency of the ``/internal/v1/nodes/{node_id}`` task channel: a node
+    token for that very node, else 401/403."""
+    principal = await authenticate(request)
+    node_id = request.path_params.get("node_id")
+    if principal.actor_type != "node" or str(principal.user_id) != str(node_id):
+        raise ApiError(403, "insufficient_permissions", "a node agent token for this node is required")
+    return principal
 
 
 #: the dependency of every operator (``/admin``, ``/platform``) operation

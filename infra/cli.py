@@ -107,6 +107,7 @@ def token(user_id: str = typer.Option(..., help="the caller's user (or service a
           role: str = typer.Option("user", help="user | admin"),
           platform_role: list[str] = typer.Option([], help="platform_superadmin | platform_ops | platform_user"),
           service_account: bool = typer.Option(False, help="mint a service-account token"),
+          node: bool = typer.Option(False, help="mint a node agent's token (--user-id is the node id)"),
           ttl: int = typer.Option(3600, help="lifetime in seconds")) -> None:
     """Print a bearer token signed with LEDGERCORE_JWT_SECRET (or the dev secret)."""
     from api.auth import mint_token
@@ -115,7 +116,8 @@ def token(user_id: str = typer.Option(..., help="the caller's user (or service a
     print(mint_token(settings.jwt_secret, user_id=user_id, tenant_id=tenant_id,
                      project_ids=project, project_id=project_id, role=role,
                      platform_roles=platform_role,
-                     actor_type="service_account" if service_account else "user",
+                     actor_type="node" if node else
+                     "service_account" if service_account else "user",
                      ttl_seconds=ttl))
 
 

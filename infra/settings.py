@@ -42,6 +42,8 @@ class Settings:
     checkout_base_url: str = "https://checkout.invalid/pay"
     max_body_bytes: int = 64 * 1024
     read_wait_seconds: float = 5.0
+    #: how long a node agent's task long-poll waits before answering 204
+    node_wait_seconds: float = 20.0
     cache_ttl_seconds: int = 300
     pg_pool_size: int = 8
     redis_prefix: str = "lc"
@@ -73,6 +75,7 @@ class Settings:
             checkout_base_url=_get("CHECKOUT_BASE_URL", "https://checkout.invalid/pay"),
             max_body_bytes=int(_get("MAX_BODY_BYTES", str(64 * 1024))),
             read_wait_seconds=float(_get("READ_WAIT_SECONDS", "5")),
+            node_wait_seconds=float(_get("NODE_WAIT_SECONDS", "20")),
             cache_ttl_seconds=int(_get("CACHE_TTL_SECONDS", "300")),
             pg_pool_size=int(_get("PG_POOL_SIZE", "8")),
             redis_prefix=_get("REDIS_PREFIX", "lc"),

@@ -103,7 +103,8 @@ def shared_database(services: Services) -> Iterator[Database]:
 
 def make_settings(services: Services, dsn: str, **overrides: Any) -> Settings:
     base = Settings(pg_dsn=dsn, redis_url=services.redis_url, jwt_secret=SECRET,
-                    redis_prefix=f"lc-test-{RUN_ID}-{uuid.uuid4().hex[:6]}", read_wait_seconds=10)
+                    redis_prefix=f"lc-test-{RUN_ID}-{uuid.uuid4().hex[:6]}", read_wait_seconds=10,
+                    node_wait_seconds=1)
     return replace(base, **overrides)
 
 

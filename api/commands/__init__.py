@@ -19,8 +19,8 @@ from domain.provenance import CommandContext, IdempotencyClaim
 
 def context(request: Request, principal: Principal, source: str,
             idempotency: IdempotencyClaim | None) -> CommandContext:
-    if principal.actor_type == "service_account":
-        role = "service_account"
+    if principal.actor_type in ("service_account", "node"):
+        role = principal.actor_type
     else:
         role = "admin" if principal.can("platform.admin") else "user"
     return CommandContext(actor_id=str(principal.user_id), actor_type=principal.actor_type,

@@ -21,7 +21,8 @@ from api.auth import Principal, admin
 from api.commands import context, renderer, run
 from api.errors import ApiError, correlation_id
 from domain import nodes, placement, skus
-from domain.allocations import Allocation, backfill_placement_claims
+from domain.admission import backfill_placement_claims
+from domain.allocations import Allocation
 from domain.inventory_views import lifecycle_mutation_json, node_admin_json, slot_json
 
 router = APIRouter()

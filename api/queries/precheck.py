@@ -1,7 +1,8 @@
 """``precheckV3ComputeLaunch`` (and its V3 twin): is a launch likely to be admitted?
 
 Read-only, from read models: the SKU and its free units (``inventory``), the caller's
-allocation headroom (``inventory``) and financial posture (``restrictions``). It creates
+allocation headroom (``inventory``), financial posture (``restrictions``) and balance
+(``billing_ledger``). It creates
 nothing; admission decides again from aggregates. An ``Idempotency-Key`` is accepted
 and has nothing to protect. The estimate is the SKU's unit price times the units
 launched, per hour, and 730 hours for a month.
@@ -19,6 +20,7 @@ from api.auth import Principal, authenticate, project_scope
 from api.launch_request import V3ComputeLaunchPrecheckRequest
 from api.queries import cached_query
 from api.queries.inventory import allocation_limits, v3_meta, with_meta_cache
+from projections.billing_ledger import account_balances
 from projections.inventory import sku_capacity
 from projections.restrictions import caller_restrictions
 from projections.store import SCHEMA
@@ -37,7 +39,7 @@ def check(id_: str, label: str, status: str, message: str, action: str = "none",
 
 
 def precheck(cur: Any, body: V3ComputeLaunchPrecheckRequest, principal: Principal,
-             project: UUID) -> dict[str, Any]:
+             project: UUID, default_currency: str) -> dict[str, Any]:
     units = body.unit_count or 1
     checks = [check("project", "Project", "ok", "You can launch in this project.")]
     found = sku_capacity(cur, SCHEMA, body.sku, body.region_code)
@@ -85,7 +87,16 @@ def precheck(cur: Any, body: V3ComputeLaunchPrecheckRequest, principal: Principa
                             f"Launches are blocked ({posture['state']}): {posture['reason']}",
                             "add_funds", "Add funds", "/billing"))
     else:
-        checks.append(check("billing", "Billing", "ok", "No financial restriction blocks launches."))
+        primary, rows = account_balances(cur, SCHEMA, principal.user_id)
+        primary = primary or default_currency
+        balance = dict(rows).get(primary, 0)
+        if balance <= 0:  # the admission rule (domain.admission._financial_gate)
+            checks.append(check("billing", "Billing", "blocker",
+                                f"Your {primary} balance is {balance} minor units; launches need"
+                                " a positive balance.", "add_funds", "Add funds", "/billing"))
+        else:
+            checks.append(check("billing", "Billing", "ok",
+                                "No financial restriction blocks launches."))
     if body.os_image_slug is not None:
         checks.append(check("image", "OS image", "unknown",
                             "Images are not checked here; the image is verified at provisioning."))
@@ -102,6 +113,7 @@ def precheck_v3_compute_launch(body: V3ComputeLaunchPrecheckRequest, request: Re
                                principal: Principal = Depends(authenticate)) -> JSONResponse:
     project = project_scope(request, principal)
     return with_meta_cache(cached_query(
-        request, principal, operation_id="precheckV3ComputeLaunch", projection=("inventory", "restrictions"),
+        request, principal, operation_id="precheckV3ComputeLaunch", projection=("inventory", "restrictions", "billing_ledger"),
         query={"project": str(project), **body.model_dump(mode="json")},
-        compute=lambda cur: precheck(cur, body, principal, project)))
+        compute=lambda cur: precheck(cur, body, principal, project,
+                                     request.app.state.settings.default_currency)))

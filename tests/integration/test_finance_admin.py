@@ -156,14 +156,14 @@ class Env:
                                         lease={"requested_by_user_id": str(uuid.uuid4())},
                                         provenance=provenance, timestamp=now)
         for status in statuses:
-            allocation.trigger_event(Allocation.Moved, to=status, reason=None,
+            allocation.trigger_event(Allocation.Moved, to=status, reason=None, details={},
                                      provenance=provenance, timestamp=now)
         self.save(allocation)
         return allocation.id
 
     def move(self, allocation_id: uuid.UUID, status: str) -> None:
         allocation = self.stores.app.repository.get(allocation_id)
-        allocation.trigger_event(Allocation.Moved, to=status, reason=None,
+        allocation.trigger_event(Allocation.Moved, to=status, reason=None, details={},
                                  provenance={"correlation_id": "planted"},
                                  timestamp=datetime.now(timezone.utc))
         self.save(allocation)

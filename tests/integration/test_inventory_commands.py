@@ -180,6 +180,14 @@ def test_node_lifecycle_slots_and_removal_safety(env: tuple[str, Stores], tokens
     listener.close()
 
 
+def fund(http: httpx.Client, admin: str, user: uuid.UUID) -> httpx.Response:
+    """Launches need a positive balance."""
+    response = http.post(f"/api/v1/admin/users/{user}/balance", headers=bearer(admin), json={
+        "direction": "credit", "amount_minor": 100_000, "currency": "USD", "reason": "funds"})
+    assert response.status_code == 200, response.text
+    return response
+
+
 def launch(http: httpx.Client, token: str, project: uuid.UUID, body: dict[str, Any]) -> httpx.Response:
     response = http.post(LAUNCH, json=body, headers={**bearer(token), "X-Project-ID": str(project),
                                                      "Idempotency-Key": uuid.uuid4().hex})
@@ -194,6 +202,7 @@ def test_a_node_with_a_live_claim_cannot_leave_and_a_cordoned_node_gets_no_claim
     user, project = uuid.uuid4(), uuid.uuid4()
     caller = mint_token(tokens.secret, user_id=user, project_ids=[str(project)])
     with client(url) as http:
+        fund(http, admin, user)
         make_sku(http, admin, baremetal_sku(sku))
         held, spare = make_node(http, admin, sku), make_node(http, admin, sku)
         call(http, admin, "POST", LIFECYCLE, node_id=spare["id"], action="cordon")
@@ -228,6 +237,7 @@ def race(urls: list[str], tokens: Any, sku: str, clients: int) -> list[httpx.Res
         user, project = uuid.uuid4(), uuid.uuid4()
         token = mint_token(tokens.secret, user_id=user, project_ids=[str(project)])
         with client(urls[i % len(urls)]) as http:
+            fund(http, tokens.admin(), user)
             barrier.wait()
             results[i] = http.post(LAUNCH, json={"sku": sku},
                                    headers={**bearer(token), "X-Project-ID": str(project),
@@ -274,6 +284,7 @@ def test_racing_clients_get_exactly_the_free_units(env: tuple[str, Stores], toke
         make_sku(http, admin, baremetal_sku(sku))
         nodes = [make_node(http, admin, sku)["id"] for _ in range(6)]
         owner, project = uuid.uuid4(), uuid.uuid4()
+        fund(http, admin, owner)
         held = launch(http, mint_token(tokens.secret, user_id=owner, project_ids=[str(project)]),
                       project, {"sku": sku})
         assert held.status_code == 202
@@ -349,8 +360,9 @@ def test_backfill_inserts_missing_claims_once_and_skips_held_nodes(env: tuple[st
         legacy_lease(stores, node, sku)  # a second lease on the same node cannot be claimed
         assert call(http, admin, "POST", backfill).json() == {
             "candidate_count": 1, "inserted_count": 0, "skipped_count": 1}
-        project = uuid.uuid4()
-        caller = mint_token(tokens.secret, user_id=uuid.uuid4(), project_ids=[str(project)])
+        project, user = uuid.uuid4(), uuid.uuid4()
+        caller = mint_token(tokens.secret, user_id=user, project_ids=[str(project)])
+        fund(http, admin, user)
         held = launch(http, caller, project, {"sku": sku})  # the only node is held by the backfill
         assert held.status_code == 409 and held.json()["code"] == "sku_unavailable"
 
@@ -374,6 +386,7 @@ def test_precheck_reads_capacity_quota_and_posture_and_writes_nothing(env: tuple
     with client(url) as http:
         make_sku(http, admin, baremetal_sku(sku))
         make_node(http, admin, sku)
+        fund(http, admin, user)
         last = call(http, admin, "POST", NODES, json={"host": f"pc-{sku}", "sku": sku, "gpus_total": 8,
                                                       "region_code": "eu-1", "probe": False})
         position = last.headers["X-Ledger-Position"]

@@ -17,7 +17,9 @@ import pytest
 from api.auth import mint_token
 from consumers.direct import catch_up
 from consumers.rebuild import rebuild
-from domain import allocations, nodes, placement, skus
+from domain import admission, nodes, placement, skus
+from domain.billing import adjust_balance
+from domain.money import Money
 from domain.commands import Command, Session
 from domain.errors import DomainError
 from domain.inventory import NodeInventory, node_slot_id
@@ -291,12 +293,14 @@ def test_limits_count_live_allocations_against_the_policy(env: Env, tokens: Any)
             "available_allocation_slots": 5}
 
         def launch(who: uuid.UUID, sku: str, units: int) -> None:
-            env.run(allocations.submit_launch(
+            env.run(adjust_balance(CommandContext(actor_id=str(who)), user_id=who,
+                                   direction="credit", amount=Money(10_000, "USD"),
+                                   reason="funds", render=render))
+            env.run(admission.submit_launch(
                 CommandContext(actor_id=str(who), idempotency=IdempotencyClaim(
                     scope=uuid.uuid4().hex, fingerprint="f")),
                 user_id=who, tenant_id=None, project_id=project, sku=sku, unit_count=units,
-                region_code=region, scheduler_type="bare_metal", name=None, resource_class=None,
-                render=render))
+                request={"region_code": region}, render=render))
 
         launch(user, bm, 1)
         launch(user, sl, 2)  # one lease of two slice GPUs

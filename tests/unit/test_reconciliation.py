@@ -90,7 +90,7 @@ def test_a_fold_of_the_log_sees_what_the_aggregates_say() -> None:
     app = Ledgercore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
     allocation = Allocation._create(Allocation.Created, id=uuid.uuid4(), lease={},
                                     provenance=PROVENANCE, timestamp=T0)
-    allocation.trigger_event(Allocation.Moved, to="active", reason=None, provenance=PROVENANCE,
+    allocation.trigger_event(Allocation.Moved, to="active", reason=None, details={}, provenance=PROVENANCE,
                              timestamp=T0)
     account = BillingAccount.open(uuid.uuid4(), "USD", PROVENANCE, T0)
     account.adjust(direction="credit", amount=Money(5, "USD"), reason="r",
