@@ -15,10 +15,10 @@ def resource_name(allocation_id: str) -> str:
 
 
 def allocation_json(state: dict[str, Any], claims: list[dict[str, Any]]) -> dict[str, Any]:
-    """``Allocation`` from an allocation's state (``Allocation`` attributes, as
-    ``domain.inventory.state_of`` gives them) and its placement claims."""
+    """``Allocation`` from an allocation's state (``domain.inventory.state_of`` of the
+    aggregate, as a read model keeps it) and its placement claims."""
     lease, stamps, reasons = state["lease"], state["timestamps"], state["reasons"]
-    allocation_id = str(state["id"])
+    allocation_id = str(state["_id"])
     return {
         "id": allocation_id, "resource_name": resource_name(allocation_id),
         "requested_by_user_id": lease["requested_by_user_id"], "requested_by_username": None,
@@ -46,7 +46,7 @@ def allocation_json(state: dict[str, Any], claims: list[dict[str, Any]]) -> dict
 
 def state_json(allocation: Allocation) -> dict[str, Any]:
     """The parts of an ``Allocation`` aggregate ``allocation_json`` reads."""
-    return {"id": allocation.id, "lease": allocation.lease, "status": allocation.status,
+    return {"_id": str(allocation.id), "lease": allocation.lease, "status": allocation.status,
             "placement_status": allocation.placement_status,
             "timestamps": allocation.timestamps, "reasons": allocation.reasons,
             "connection": allocation.connection}
