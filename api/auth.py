@@ -115,8 +115,16 @@ def principal_from_token(token: str, secret: str) -> Principal:
 
 
 async def authenticate(request: Request) -> Principal:
-    """FastAPI dependency: the caller, or 401. (Async: it does no I/O, so it runs on
-    the event loop instead of costing a thread hand-off per request.)"""
+    """FastAPI dependency: the caller, or 401; a node agent's token is good for nothing
+    but its task channel (403). (Async: it does no I/O, so it runs on the event loop
+    instead of costing a thread hand-off per request.)"""
+    principal = _bearer(request)
+    if principal.actor_type == "node":
+        raise ApiError(403, "insufficient_permissions", "a node token only serves the node task channel")
+    return principal
+
+
+def _bearer(request: Request) -> Principal:
     header = request.headers.get("authorization")
     if not header:
         raise ApiError(401, "token_missing", "a bearer token is required")
@@ -145,7 +153,7 @@ def requires(capability: str) -> Callable[[Request], Awaitable[Principal]]:
 async def node_agent(request: Request) -> Principal:
     """FastAPI dependency of the ``/internal/v1/nodes/{node_id}`` task channel: a node
     token for that very node, else 401/403."""
-    principal = await authenticate(request)
+    principal = _bearer(request)
     node_id = request.path_params.get("node_id")
     if principal.actor_type != "node" or str(principal.user_id) != str(node_id):
         raise ApiError(403, "insufficient_permissions", "a node agent token for this node is required")

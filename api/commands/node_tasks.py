@@ -54,6 +54,8 @@ async def internal_node_wait_task(node_id: str, request: Request,
         if task is not None:
             outcome.response["body"] = {**task, "signature": sign(task, settings.jwt_secret)}
             return respond(request, outcome)
+        if outcome.response["status"] == 404:  # the wait declares no 404: the token names no node
+            raise ApiError(403, "insufficient_permissions", "the token's node is not registered")
         if outcome.response["status"] != 200:
             return respond(request, outcome)
         if time.monotonic() >= deadline or await request.is_disconnected():

@@ -77,3 +77,36 @@ def test_operator_operations_refuse_a_plain_user_before_reading_the_request(
     assert response.status_code == 403, (operation_id, response.text)
     assert response.json()["code"] in ("admin_required", "insufficient_permissions")
     assert not errors_in(response.json(), error_schema())
+
+
+NODE_CHANNEL = [o for o in OPERATIONS if o[2].startswith("/internal/v1/nodes/")]
+
+
+@pytest.mark.parametrize("operation_id, method, path", NODE_CHANNEL)
+def test_the_node_task_channel_takes_only_that_nodes_token(
+        api: str, tokens: Any, operation_id: str, method: str, path: str) -> None:
+    node, other = str(uuid.uuid4()), str(uuid.uuid4())
+    concrete_path = concrete(path.replace("{node_id}", node))
+    callers = {"user": mint_token(tokens.secret, user_id=uuid.uuid4()),
+               "admin": tokens.admin(),
+               "another node": mint_token(tokens.secret, user_id=other, actor_type="node")}
+    with client(api) as http:
+        for who, token in callers.items():
+            response = http.request(method, concrete_path, headers=bearer(token),
+                                    json={} if method == "POST" else None)
+            assert response.status_code == 403, (operation_id, who, response.text)
+            assert not errors_in(response.json(), error_schema())
+        own = http.request(method, concrete_path, json={} if method == "POST" else None,
+                           headers=bearer(mint_token(tokens.secret, user_id=node, actor_type="node")))
+        assert own.status_code == (403 if method == "GET" else 400), own.text  # unknown node; empty body
+
+
+def test_a_node_token_serves_nothing_but_its_task_channel(api: str, tokens: Any) -> None:
+    token = mint_token(tokens.secret, user_id=uuid.uuid4(), actor_type="node")
+    with client(api) as http:
+        for operation_id, method, path in OPERATIONS:
+            if path.startswith("/internal/"):
+                continue
+            response = send(http, method, path, bearer(token))
+            assert response.status_code == 403, (operation_id, response.text)
+            assert response.json()["code"] == "insufficient_permissions", operation_id
