@@ -37,6 +37,7 @@ from eventsourcing.postgres import PostgresDatastore
 from psycopg.sql import SQL, Identifier
 
 from domain.billing import BillingAccount, account_id_for
+from domain.inventory import NodeInventory
 from domain.invoices import Invoice
 from domain.commands import AggregateCache, Command, Outcome, Session, run_decision
 from domain.errors import ConcurrentUpdate, IdempotencyKeyReused
@@ -52,7 +53,7 @@ _STOP = object()
 
 class Ledgercore(Application[UUID]):
     name = "ledgercore"
-    snapshotting_intervals = {BillingAccount: 200, Invoice: 200}
+    snapshotting_intervals = {BillingAccount: 200, Invoice: 200, NodeInventory: 200}
 
     def __init__(self, env: dict[str, str] | None = None, default_currency: str = "USD") -> None:
         super().__init__(env)

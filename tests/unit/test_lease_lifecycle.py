@@ -156,3 +156,23 @@ def test_restart_and_a_failed_release_then_force_cleanup(world: World) -> None:
     assert world.app.repository.get(world.node).baremetal_free()
     record = world.app.repository.get(usage_id_for_allocation(allocation))
     assert record.cost_minor == 2 * PRICE  # billed until released, through the failures
+
+
+def test_a_busy_node_is_snapshotted_and_loads_back_as_its_events_say() -> None:
+    world = World()
+    world.fund(10**9)
+    at = T0
+    for _ in range(45):  # five node events per lease: past the snapshot interval
+        allocation = UUID(world.launch(at)["body"]["allocations"][0]["id"])
+        world.report(world.wait(at), "success", at)
+        world.run(request_release(ctx(at), allocation_id=allocation, project_id=None, mode="user",
+                                  reason=None, render=render))
+        world.report(world.wait(at), "success", at)
+        at += timedelta(minutes=1)
+    assert list(world.app.snapshots.get(world.node))
+    loaded = world.app.repository.get(world.node)
+    replayed = None
+    for event in world.app.events.get(world.node):
+        replayed = event.mutate(replayed)
+    assert loaded.version == replayed.version > 200
+    assert vars(loaded) == vars(replayed)
