@@ -40,11 +40,35 @@ def posture(http: Any, token: str, position: str = "0") -> dict[str, Any]:
     return response.json()
 
 
+def adjust(http: Any, admin: str, user: uuid.UUID, direction: str, amount: int) -> str:
+    response = http.post(f"/api/v1/admin/users/{user}/balance", headers=bearer(admin), json={
+        "direction": direction, "amount_minor": amount, "currency": "USD", "reason": "test"})
+    assert response.status_code == 200, response.text
+    return response.headers["X-Ledger-Position"]
+
+
+def test_a_balance_not_above_zero_restricts_automatically(api: str, tokens: Any) -> None:
+    user = uuid.uuid4()
+    caller = mint_token(tokens.secret, user_id=user)
+    with client(api) as http:
+        empty = posture(http, caller)
+        assert (empty["state"], empty["reason"], empty["selected_action"]) == (
+            "restricted", "prepaid_balance_depleted", "restrict")
+        assert empty["balance_minor"] == 0 and empty["effects"]["launch_blocked"] is True
+        funded = posture(http, caller, adjust(http, tokens.admin(), user, "credit", 500))
+        assert funded["state"] == "healthy" and funded["balance_minor"] == 500
+        spent = posture(http, caller, adjust(http, tokens.admin(), user, "debit", 500))
+        assert spent["state"] == "restricted" and spent["balance_minor"] == 0
+        hold = put(http, tokens.admin(), "user", user, {"state": "collections_hold", "reason": "x"})
+        worse = posture(http, caller, hold.headers["X-Ledger-Position"])
+        assert worse["state"] == "collections_hold"  # a more severe restriction still wins
+
+
 def test_the_most_severe_restriction_over_user_project_and_tenant_wins(api: str, tokens: Any) -> None:
     user, tenant, project = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     caller = mint_token(tokens.secret, user_id=user, tenant_id=tenant, project_ids=[str(project)])
     with client(api) as http:
-        healthy = posture(http, caller)
+        healthy = posture(http, caller, adjust(http, tokens.admin(), user, "credit", 100))
         assert healthy["state"] == "healthy" and healthy["restriction"] is None
         assert healthy["effects"]["launch_blocked"] is False
         at_risk = put(http, tokens.admin(), "user", user, {"state": "at_risk", "reason": "low runway"})
@@ -62,8 +86,9 @@ def test_the_most_severe_restriction_over_user_project_and_tenant_wins(api: str,
         last = put(http, tokens.admin(), "user", uuid.uuid4(), {"state": "suspended", "reason": "x"})
         after = posture(http, caller, last.headers["X-Ledger-Position"])
         assert after["state"] == "restricted" and after["effects"]["launch_blocked"] is True
-        stranger = posture(http, tokens.user(uuid.uuid4()), last.headers["X-Ledger-Position"])
-        assert stranger["state"] == "healthy"
+        stranger = uuid.uuid4()
+        position = adjust(http, tokens.admin(), stranger, "credit", 100)
+        assert posture(http, tokens.user(stranger), position)["state"] == "healthy"
 
 
 def test_restriction_input_and_permissions(api: str, tokens: Any) -> None:
