@@ -30,8 +30,9 @@ documents (docs/decisions.md), named here:
   never leave a terminal status, inventory §3.4), so §5.6 "released ⇒ every claim
   released" is read as "every claim ended, with ``released_at``".
 
-``observe(app, model)`` reads the real aggregates and their event streams into the
-plain dict ``check_invariants(model, live)`` compares with the model.
+``observe(app, model, mirror)`` reads the real aggregates and their event streams (an
+``EventMirror`` reads the log forward, each event once) into the plain dict
+``check_invariants(model, live)`` compares with the model.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from fractions import Fraction
 from typing import Any
 from uuid import UUID
 
-from domain.allocations import node_task_id_for, quota_id_for
+from domain.allocations import Allocation, node_task_id_for, quota_id_for
 from domain.billing import BillingAccount, account_id_for
+from domain.inventory import NodeInventory
 from domain.usage import UsageRecord, usage_id_for_allocation
 
 #: allocations §3.1: every edge the table allows, and nothing else
@@ -67,6 +69,8 @@ PLACEMENT = {"requested": "reserved", "provisioning": "provisioning", "active": 
              "release_failed": "releasing", "released": "released", "failed": "failed"}
 CLAIM = dict(PLACEMENT)
 LIVE_CLAIMS = ("reserved", "provisioning", "active", "releasing")
+#: §3.1 status groups: billed while capacity is held after activation
+METERED = ("active", "restarting", "restart_failed", "releasing", "release_failed")
 #: inventory-and-placement §3.4: the claim edges
 CLAIM_EDGES = {"reserved": ("provisioning", "releasing", "failed"),
                "provisioning": ("active", "releasing", "failed"),
@@ -322,55 +326,78 @@ class ReferenceAllocations:
 
 
 # ---- the real side ---------------------------------------------------------------------
-def _fold(events: list[Any]) -> Any:
-    aggregate = None
-    for event in events:
-        aggregate = event.mutate(aggregate)
-    return aggregate
+class EventMirror:
+    """The application's log read forward (each event once), kept as events and folded
+    aggregates per stream: what ``observe`` reads, independent of the application's
+    repository and of the aggregates its commands mutate."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.position = 0
+        self.streams: dict[UUID, list[Any]] = {}
+        self.states: dict[UUID, Any] = {}
+
+    def refresh(self) -> None:
+        while True:
+            batch = self.app.recorder.select_notifications(start=self.position + 1, limit=1000)
+            for notification in batch:
+                event = self.app.mapper.to_domain_event(notification)
+                stream = event.originator_id
+                self.streams.setdefault(stream, []).append(event)
+                self.states[stream] = event.mutate(self.states.get(stream))
+                self.position = notification.id
+            if len(batch) < 1000:
+                return
+
+    def events(self, stream: UUID | str) -> list[Any]:
+        return self.streams.get(UUID(str(stream)), [])
+
+    def state(self, stream: UUID | str) -> Any:
+        return self.states.get(UUID(str(stream)))
 
 
-def observe(app: Any, model: ReferenceAllocations) -> dict[str, Any]:
+def observe(app: Any, model: ReferenceAllocations, mirror: EventMirror | None = None
+            ) -> dict[str, Any]:
     """The real aggregates the model speaks of, as plain data: ``leases`` (state,
     ``moves`` folded from the stream, claims, usage), ``node_claims`` (every claim on
     each node, with its status history folded from the node's stream), ``quota``
-    (live ids per user) and ``accounts`` (balance and entries per user)."""
-    from domain.allocations import Allocation
-    from domain.inventory import NodeInventory
-
+    (live ids per user) and ``accounts`` (balance and entries per user). ``mirror``
+    (kept by the caller between calls) reads only what was appended since."""
+    mirror = mirror or EventMirror(app)
+    mirror.refresh()
     node_claims: dict[str, dict[str, dict[str, Any]]] = {}
     for node_id in model.nodes:
-        events = list(app.events.get(UUID(node_id)))
         history: dict[str, list[str]] = {}
-        for event in events:
+        for event in mirror.events(node_id):
             if isinstance(event, NodeInventory.ClaimsReserved):
                 for claim in event.claims:
                     history[claim["id"]] = [claim["status"]]
             elif isinstance(event, NodeInventory.ClaimsMoved):
                 for claim_id in event.claim_ids:
                     history[claim_id].append(event.to)
-        node = _fold(events)
+        node = mirror.state(node_id)
         node_claims[node_id] = {cid: {**claim, "history": history[cid]}
                                 for cid, claim in node.claims.items()}
     leases: dict[str, dict[str, Any]] = {}
     for lease_id in model.leases:
-        events = list(app.events.get(UUID(lease_id)))
-        allocation = _fold(events)
+        events = mirror.events(lease_id)
+        allocation = mirror.state(lease_id)
         moves = [(e.to, e.timestamp) for e in events if isinstance(e, Allocation.Moved)]
         after_end = 0
         for index, event in enumerate(events):
             if isinstance(event, Allocation.Moved) and event.to == "released":
                 after_end = len(events) - index - 1
                 break
-        record_events = list(app.events.get(usage_id_for_allocation(lease_id)))
+        record_events = mirror.events(usage_id_for_allocation(lease_id))
         usage = None
         if record_events:
-            record = _fold(record_events)
+            record = mirror.state(usage_id_for_allocation(lease_id))
+            stopped = [i for i, e in enumerate(record_events) if isinstance(e, UsageRecord.Stopped)]
             usage = {"start": record.start_time, "end": record.end_time, "cost": record.cost_minor,
                      "lines": [e.amount["amount_minor"] for e in record_events
                                if isinstance(e, UsageRecord.SliceRated)],
-                     "events_after_stop": sum(1 for e in record_events[
-                         next((i for i, e in enumerate(record_events)
-                               if isinstance(e, UsageRecord.Stopped)), len(record_events)):]) - 1}
+                     "stops": len(stopped),
+                     "events_after_stop": len(record_events) - stopped[0] - 1 if stopped else 0}
         leases[lease_id] = {
             "status": allocation.status, "placement_status": allocation.placement_status,
             "timestamps": dict(allocation.timestamps), "reasons": dict(allocation.reasons),
@@ -383,11 +410,10 @@ def observe(app: Any, model: ReferenceAllocations) -> dict[str, Any]:
     quota, accounts = {}, {}
     users = {lease.user for lease in model.leases.values()} | set(model.funds)
     for user in users:
-        q = app.get_or_none(quota_id_for(user))
+        q = mirror.state(quota_id_for(user))
         quota[user] = list(q.live) if q is not None else []
-        account_events = list(app.events.get(account_id_for(UUID(user))))
-        account = _fold(account_events) if account_events else None
-        entries = [(e.entry_type, e.amount_minor) for e in account_events
+        account = mirror.state(account_id_for(UUID(user)))
+        entries = [(e.entry_type, e.amount_minor) for e in mirror.events(account_id_for(UUID(user)))
                    if isinstance(e, BillingAccount.LedgerEntryPosted)]
         accounts[user] = {"balance": account.balance("USD") if account else 0, "entries": entries}
     return {"leases": leases, "node_claims": node_claims, "quota": quota, "accounts": accounts}
@@ -425,7 +451,8 @@ def check_invariants(model: ReferenceAllocations, live: dict[str, Any]) -> None:
         chain = [created] + [_stamp(stamps.get(f"{s}_at"))
                              for s in ("provisioning", "active", "released")]
         present = [t for t in chain if t is not None]
-        assert present == sorted(present), f"{name}: created ≤ provisioning ≤ active ≤ released broken"
+        assert present == sorted(present), \
+            f"{name}: created ≤ provisioning ≤ active ≤ released broken"
         for s in ("provisioning", "active", "released", "failed"):
             assert _stamp(stamps.get(f"{s}_at")) == want.first(s), f"{name}: {s}_at"
         assert (stamps.get("released_at") is not None) == (want.status == "released"), \
@@ -459,6 +486,9 @@ def check_invariants(model: ReferenceAllocations, live: dict[str, Any]) -> None:
             assert history.count("released") <= 1, f"{name}: claims released twice"
         # §5.11 billing: a lease never active has no record and is never billed
         usage = got["usage"]
+        assert (usage is not None and usage["end"] is None) == (
+            got["status"] in METERED and stamps.get("active_at") is not None), \
+            f"{name}: a meter is open ⇔ metered ∧ active_at"
         if want.meter_start is None:
             assert usage is None, f"{name}: never active but has a usage record"
         else:
@@ -470,6 +500,7 @@ def check_invariants(model: ReferenceAllocations, live: dict[str, Any]) -> None:
             assert usage["cost"] == sum(usage["lines"]), f"{name}: cost != Σ its rated lines"
             assert usage["cost"] == want.cost(), \
                 f"{name}: accrued cost {usage['cost']} != model {want.cost()}"
+            assert usage["stops"] == (want.meter_end is not None), f"{name}: meter closed twice"
             if want.meter_end is not None:
                 assert usage["events_after_stop"] == 0, f"{name}: meter changed after close"
     # §5.7 no double booking
