@@ -5,13 +5,19 @@ ceiling, so their figures compare.
 ``python -m bench.loadgen SPEC.json RESULT.json``. The spec (see ``suite``):
 
 - ``kind``: ``adjust`` (POST adminAdjustBalance: credits, and debits the generator
-  knows are covered) or ``balance`` (GET getBillingBalance as each user);
+  knows are covered), ``balance`` (GET getBillingBalance as each user), ``launch``
+  (POST submitV3ComputeLaunch) or ``release`` (POST releaseAllocation);
 - ``concurrency``, ``duration`` (s), ``warmup`` (s, not counted in rates or
   latencies), optionally ``rate`` (commands/s offered, open loop; else closed loop);
 - ``adjust``: ``admin_token``, ``users``, ``hot_user``, ``hot_share``, ``balances``
   (what earlier runs acknowledged per user);
 - ``balance``: ``jwt_secret``, ``users``, ``pattern`` (``same`` user every time or
-  each user once, ``distinct``).
+  each user once, ``distinct``);
+- ``launch``: ``jwt_secret``, ``users`` (``[user_id, project_id]`` pairs), ``sku``,
+  ``count``: exactly that many launches, the i-th as user i mod len(users), then stop
+  (``duration`` is only a bound);
+- ``release``: ``jwt_secret``, ``users``, ``leases`` (``[user_index, allocation_id]``
+  pairs): each released once, then stop.
 
 Every request carries a fresh ``X-Request-Id``, which ledgercore stores as the events'
 correlation id: the integrity check finds each acknowledged command in the event store
@@ -43,6 +49,10 @@ from bench.stats import summary_ms  # noqa: E402
 
 ADJUST_PATH = "/api/v1/admin/users/{user}/balance"
 BALANCE_PATH = "/api/v1/billing/balance"
+LAUNCH_PATH = "/api/v1/launch/compute"
+RELEASE_PATH = "/api/v1/allocations/{allocation_id}/release"
+#: the statuses that count as done (``ok_per_second``)
+OK = ("200", "202")
 
 
 class Adjustments:
@@ -107,9 +117,75 @@ class Adjustments:
                 self.reserved[user] -= amount
         return status, started, ended
 
+    def exhausted(self) -> bool:
+        return False
+
     def result(self) -> dict[str, Any]:
         return {"acked": dict(self.acked), "acked_ids": dict(self.acked_ids),
                 "refused": self.refused, "unknown": self.unknown, "positions": self.positions}
+
+
+class Leases:
+    """Launches (each as the next user in turn) or releases of given leases: a fixed
+    number of commands, each with a fresh Idempotency-Key and X-Request-Id."""
+
+    def __init__(self, spec: dict[str, Any], rng: random.Random):
+        from api.auth import mint_token
+
+        self.kind: str = spec["kind"]
+        self.users: list[list[str]] = spec["users"]
+        self.headers = [{"Authorization": "Bearer " + mint_token(
+            spec["jwt_secret"], user_id=user, project_ids=[project], ttl_seconds=7200),
+            "X-Project-ID": project, "Content-Type": "application/json"}
+            for user, project in self.users]
+        self.body = json.dumps({"sku": spec.get("sku")}).encode()
+        self.leases: list[list[Any]] = spec.get("leases", [])
+        self.count = int(spec["count"]) if self.kind == "launch" else len(self.leases)
+        self.next_index = 0
+        #: ``[request_id, user_index, allocation_id]`` of each 202
+        self.done: list[list[Any]] = []
+        self.refused: list[list[Any]] = []
+        self.unknown: list[dict[str, Any]] = []
+        self.positions: list[list[float]] = []
+
+    def exhausted(self) -> bool:
+        return self.next_index >= self.count
+
+    async def one(self, client: httpx.AsyncClient) -> tuple[str, float, float]:
+        index = self.next_index
+        self.next_index += 1
+        if self.kind == "launch":
+            user, allocation_id = index % len(self.users), None
+            path, body = LAUNCH_PATH, self.body
+        else:
+            user, allocation_id = self.leases[index]
+            path, body = RELEASE_PATH.format(allocation_id=allocation_id), None
+        request_id = uuid.uuid4().hex
+        headers = {**self.headers[user], "Idempotency-Key": uuid.uuid4().hex,
+                   "X-Request-Id": request_id}
+        started = time.monotonic()
+        try:
+            response = await client.post(path, content=body, headers=headers)
+        except httpx.HTTPError as error:
+            self.unknown.append({"request_id": request_id, "user": user,
+                                 "allocation_id": allocation_id, "error": type(error).__name__})
+            return f"error {type(error).__name__}", started, time.monotonic()
+        ended = time.monotonic()
+        if response.status_code != 202:
+            status = describe(response)
+            self.refused.append([request_id, user, status])
+            return status, started, ended
+        if self.kind == "launch":
+            allocation_id = response.json()["workload_id"]
+        self.done.append([request_id, user, allocation_id])
+        position = response.headers.get("x-ledger-position")
+        if position is not None:
+            self.positions.append([ended, int(position)])
+        return "202", started, ended
+
+    def result(self) -> dict[str, Any]:
+        return {"leases": self.done, "refused": self.refused, "unknown": self.unknown,
+                "positions": self.positions}
 
 
 class Balances:
@@ -157,8 +233,8 @@ def describe(response: httpx.Response) -> str:
 
 async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     rng = random.Random(spec.get("seed"))
-    workload: Adjustments | Balances = (Adjustments(spec, rng) if spec["kind"] == "adjust"
-                                        else Balances(spec, rng))
+    kinds = {"adjust": Adjustments, "balance": Balances, "launch": Leases, "release": Leases}
+    workload: Adjustments | Balances | Leases = kinds[spec["kind"]](spec, rng)
     concurrency = int(spec["concurrency"])
     rate = spec.get("rate")
     statuses: Counter[str] = Counter()
@@ -186,7 +262,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
             statuses[status] += 1
             if window_start <= ended <= end:  # rates: answers within the window
                 in_window += 1
-                ok_in_window += status == "200"
+                ok_in_window += status in OK
             if window_start <= started <= end:  # latencies: requests sent within it
                 latencies.append(ended - started)
 
@@ -215,8 +291,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
             await asyncio.gather(offer(), *(worker(client) for client in clients))
         else:
             async def loop(client: httpx.AsyncClient) -> None:
-                while time.monotonic() < end and not (isinstance(workload, Balances)
-                                                      and workload.exhausted()):
+                while time.monotonic() < end and not workload.exhausted():
                     await one(client)
 
             await asyncio.gather(*(loop(client) for client in clients))

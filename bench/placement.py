@@ -7,6 +7,11 @@ path ``submitV3ComputeLaunch`` takes, minus HTTP) until every node is claimed, s
 of the round is spent racing for the last few units; then every claim is released.
 Claims/s counts the admitted launches over the reserve phases only.
 
+A launch needs a positive balance, so the launching users are a pool funded before
+anything is timed: a contender launches as one user until that user wins a node,
+then takes the next (each user holds one lease, far below the concurrency cap), as
+when every launch came from a user of its own.
+
 Afterwards it checks what must hold: every node carries at most one live claim, the
 claim holders are exactly the admitted allocations, and a refused launch got
 ``sku_unavailable``.
@@ -17,7 +22,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from domain.commands import Command
@@ -27,6 +33,8 @@ from infra.db import Stores
 from infra.settings import Settings
 
 ADMIN = "00000000-0000-4000-8000-00000000be9c"
+#: what each pooled user is credited with before the timed rounds (minor units)
+FUNDS = 1_000_000
 
 
 def _render(result: dict[str, Any] | DomainError) -> dict[str, Any]:
@@ -63,14 +71,29 @@ def _seed(stores: Stores, sku: str, nodes: int) -> list[str]:
     return ids
 
 
-def _launch(sku: str) -> Command:
-    from domain.allocations import submit_launch
+def fund_users(stores: Stores, count: int) -> list[uuid.UUID]:
+    """``count`` new users, each credited ``FUNDS`` (one batch of concurrent commands)."""
+    from domain.billing import adjust_balance
+    from domain.money import Money
+
+    users = [uuid.uuid4() for _ in range(count)]
+    futures: list[Future[Any]] = [stores.app.submit(adjust_balance(
+        _ctx(), user_id=user, direction="credit", amount=Money(FUNDS, "USD"), reason="bench funds",
+        render=_render)) for user in users]
+    for future in futures:
+        status = future.result().response["status"]
+        if status != 200:
+            raise RuntimeError(f"funding a bench user failed: {future.result().response}")
+    return users
+
+
+def _launch(sku: str, user_id: uuid.UUID, project_id: uuid.UUID) -> Command:
+    from domain.admission import submit_launch
 
     key = uuid.uuid4().hex
-    return submit_launch(_ctx("api", key), user_id=uuid.uuid4(), tenant_id=None,
-                         project_id=uuid.uuid4(), sku=sku, unit_count=1, region_code=None,
-                         scheduler_type="bare_metal", name=None, resource_class=None,
-                         render=_render)
+    return submit_launch(_ctx("api", key), user_id=user_id, tenant_id=None,
+                         project_id=project_id, sku=sku, unit_count=1,
+                         request={"sku": sku, "scheduler_type": "bare_metal"}, render=_render)
 
 
 def _release_all(stores: Stores, node_ids: list[str]) -> None:
@@ -97,6 +120,14 @@ def measure(settings: Settings, *, nodes: int, contenders: int, rounds: int, wri
             stores.app.start_batching()
         sku = f"bench-{uuid.uuid4().hex[:6]}"
         node_ids = _seed(writers[0], sku, nodes)
+        # a contender takes a user at the start of each round and after each win
+        pool: Iterator[uuid.UUID] = iter(fund_users(writers[0], rounds * (nodes + contenders)))
+        pool_lock = threading.Lock()
+
+        def next_user() -> tuple[uuid.UUID, uuid.UUID]:
+            with pool_lock:
+                return next(pool), uuid.uuid4()
+
         admitted: list[str] = []
         refusals: dict[str, int] = {}
         reserve_seconds = 0.0
@@ -108,16 +139,19 @@ def measure(settings: Settings, *, nodes: int, contenders: int, rounds: int, wri
 
             def contender(index: int) -> None:
                 app = writers[index % len(writers)].app
+                user, project = next_user()
                 while not stop.is_set():
-                    outcome = app.submit(_launch(sku)).result()
+                    outcome = app.submit(_launch(sku, user, project)).result()
                     body = outcome.response["body"]
                     with lock:
                         if outcome.response["status"] == 200:
-                            won.extend(body["allocation_ids"])
+                            won.extend(a["id"] for a in body["allocations"])
                             if len(won) >= nodes:
                                 stop.set()
                         else:
                             refusals[body["code"]] = refusals.get(body["code"], 0) + 1
+                    if outcome.response["status"] == 200:
+                        user, project = next_user()
 
             threads = [threading.Thread(target=contender, args=(i,)) for i in range(contenders)]
             started = time.perf_counter()

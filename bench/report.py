@@ -75,6 +75,25 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
                  f"{figures['nodes']} nodes: claims/s")
         rows.append(_row(section, label, figures["claims_per_second"], "/s",
                          "attempts/s (admitted + refused)", figures["attempts_per_second"]))
+    adm = lc.get("admissions", {})
+    if adm.get("levels"):
+        section = (f"admissions (POST submitV3ComputeLaunch through HTTP, {adm['nodes']} nodes, "
+                   f"{adm['users']} funded users)")
+        commands = lc.get("commands", {})
+        for level, figures in adm["levels"].items():
+            same = commands.get(level, {})
+            rows.append(_row(section, f"{level} concurrent: admissions/s (202)",
+                             figures["admissions_per_second"], "/s",
+                             "commands/s (adminAdjustBalance), same concurrency",
+                             same.get("ok_per_second")))
+            rows.append(_row(section, f"{level} concurrent: latency p50 / p99",
+                             _latency(figures["latency_ms"]), "ms",
+                             "adminAdjustBalance latency, same concurrency",
+                             _latency(same.get("latency_ms"))))
+            rows.append(_row(section, f"{level} concurrent: {adm['lag_projection']} read model lag"
+                             " p50 / p99", _latency(figures["lag"]), "ms",
+                             "admission latency, same run (p50 / p99)",
+                             _latency(figures["latency_ms"])))
     section = "replay"
     rep = lc.get("replay", {})
     if "catch_up" in rep:

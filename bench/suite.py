@@ -11,7 +11,10 @@ Phases (one at a time, so they do not share the two cores):
    projection lag under the same load, then the integrity check;
 4. placement: launches racing for the last nodes of a SKU, through one and two
    writers (``bench/placement.py``): claims per second under contention;
-5. replay: a history of ``--events`` events, ``catch_up`` and ``rebuild`` rates.
+5. admissions: allocation launches through HTTP against ample capacity, at a few
+   client concurrencies, with the allocations read model's lag, then the phase's own
+   integrity check (``bench/admissions.py``);
+6. replay: a history of ``--events`` events, ``catch_up`` and ``rebuild`` rates.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from bench import integrity, machine_limits, naive_eventsourcing, placement, replay, report
+from bench import (admissions, integrity, machine_limits, naive_eventsourcing, placement, replay,
+                   report)
 from bench.cpu import CpuAccount
 from bench.harness import ROOT, BenchError, Run, Server, peak_rss_mib, wait_until
 from bench.projection_lag import PositionPoller, read_position, source_count
@@ -72,6 +76,8 @@ class Params:
     broker_messages: int
     generator_workers: int
     events_per_account: int
+    admissions: int
+    admission_concurrency: list[int]
     timeout: float
     seed: int
     pg_admin_dsn: str = field(repr=False, default=DEFAULT_PG)
@@ -82,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Params, argparse.Namespac
     parser = argparse.ArgumentParser(
         prog="scripts/bench", description="ledgercore benchmark suite: ledgercore figures beside "
         "same-run references, refused unless every acknowledged command is accounted for.")
-    parser.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (about 3 minutes)")
     parser.add_argument("--events", type=int, help="history size for replay/rebuild "
                         "(default 1,000,000; --quick 20,000)")
     parser.add_argument("--catch-up-events", type=int, help="the part of that history replayed "
@@ -95,12 +101,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Params, argparse.Namespac
                         "(default 2000; --quick 200)")
     parser.add_argument("--lag-rate", type=float, default=500.0,
                         help="commands/s offered while measuring projection lag (default 500)")
+    parser.add_argument("--admissions", type=int, help="allocation launches per concurrency "
+                        "level in the admissions phase (default 1000; --quick 100)")
+    parser.add_argument("--admission-concurrency", default="1,8,32", help="client concurrency "
+                        "levels of the admissions phase, comma-separated (default 1,8,32)")
     parser.add_argument("--pg-admin-dsn", default=os.environ.get("LEDGERCORE_BENCH_PG_ADMIN_DSN", DEFAULT_PG),
                         help="Postgres to create the run's databases on")
     parser.add_argument("--redis-url", default=os.environ.get("LEDGERCORE_BENCH_REDIS_URL", DEFAULT_REDIS))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--timeout", type=float, help="give up after this many seconds "
-                        "(default 3600; --quick 300)")
+                        "(default 3600; --quick 600)")
     parser.add_argument("--seed", type=int, default=20261123)
     parser.add_argument("--keep", action="store_true",
                         help="keep the run's databases and logs (for inspection)")
@@ -125,7 +135,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Params, argparse.Namespac
         naive_aggregates=pick(args.users, 2000, 200),
         broker_messages=100_000 if not quick else 5_000,
         generator_workers=2, events_per_account=100,
-        timeout=pick(args.timeout, 3600.0, 300.0), seed=args.seed,
+        admissions=pick(args.admissions, 1000, 100),
+        admission_concurrency=[int(c) for c in args.admission_concurrency.split(",") if c.strip()],
+        timeout=pick(args.timeout, 3600.0, 600.0), seed=args.seed,
         pg_admin_dsn=args.pg_admin_dsn, redis_url=args.redis_url)
     return params, args
 
@@ -133,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Params, argparse.Namespac
 def strip(result: dict[str, Any]) -> dict[str, Any]:
     """A load generator result without its per-request records."""
     return {k: v for k, v in result.items()
-            if k not in ("acked", "acked_ids", "refused", "unknown", "positions")}
+            if k not in ("acked", "acked_ids", "refused", "unknown", "positions", "leases")}
 
 
 class Suite:
@@ -167,12 +179,14 @@ class Suite:
 
     def loadgen(self, label: str, spec: dict[str, Any], role: str = "ledgercore") -> dict[str, Any]:
         seconds = spec.get("warmup", 0.0) + spec["duration"]
-        task = self.task(label, seconds)
+        counted = "count" in spec or "leases" in spec  # stops after its commands, not a time
+        task = self.task(label, None if counted else seconds)
         spec = {"seed": self.p.seed + len(self.run.children), "timeout": 60.0,
                 "bench_pid": os.getpid(), **spec}
         result, child = self.run.run_json(
             "loadgen", "bench.loadgen", spec, timeout=seconds + 120,
-            tick=lambda elapsed: self.progress.update(task, completed=min(elapsed, seconds)))
+            tick=None if counted else
+            lambda elapsed: self.progress.update(task, completed=min(elapsed, seconds)))
         self.done(task)
         other = result.get("cpu_share", {}).get("other", 0.0)
         if other > 0.25:
@@ -383,7 +397,7 @@ class Suite:
         self.workers = {}
         self.results["integrity"]["kafka"] = self.check(stores, expect, "kafka")
 
-    # ---- 4. replay -------------------------------------------------------------------------
+    # ---- 4. placement ----------------------------------------------------------------------
     def placement(self) -> None:
         nodes, contenders, rounds = (20, 16, 3) if self.p.quick else (50, 32, 10)
         out: dict[str, Any] = {}
@@ -404,6 +418,103 @@ class Suite:
                 "problem_count": len(result["problems"])}
         self.results["ledgercore"]["placement"] = out
 
+    # ---- 5. admissions ----------------------------------------------------------------------
+    def admissions(self) -> None:
+        """Allocation launches through HTTP at each client concurrency (fixed counts),
+        each level's leases released before the next; see ``bench/admissions.py``."""
+        import httpx
+
+        from domain.skus import DEFAULT_MAX_CONCURRENT
+        from infra.db import Stores
+
+        per_level, levels = self.p.admissions, self.p.admission_concurrency
+        nodes, users = 2 * per_level, per_level
+        projection = admissions.lag_projection()
+        dsn = self.run.database("admissions")
+        task = self.task(f"admissions: {nodes} nodes, {users} funded users (in process)",
+                         nodes + users)
+        setup = admissions.prepare(self.run.settings(dsn, pg_pool_size=4), nodes=nodes, users=users,
+                                   tick=lambda n: self.progress.update(task, completed=n))
+        self.done(task)
+        server = self.run.start_ledgercore("server-admissions", dsn)
+        stores = Stores.open(self.run.settings(dsn, pg_pool_size=2))
+        self.run.on_close(stores.close)
+        expect = admissions.Expectations()
+        people = setup["users"]
+        bound = 120.0 + per_level  # a bound only: the runs stop after their commands
+
+        def spec(kind: str, concurrency: int, **extra: Any) -> dict[str, Any]:
+            return {"kind": kind, "base_url": server.url, "jwt_secret": self.run.jwt_secret,
+                    "watch": self.watch(server), "users": people, "sku": setup["sku"],
+                    "concurrency": concurrency, "duration": bound, "warmup": 0.0, **extra}
+
+        def release(result: dict[str, Any], label: str) -> dict[str, Any]:
+            leases = [[user, allocation_id] for _, user, allocation_id in result["leases"]]
+            released = self.loadgen(label, spec("release", 32, leases=leases))
+            expect.add_releases(released)
+            return released
+
+        out: dict[str, Any] = {"nodes": nodes, "users": users, "admissions_per_level": per_level,
+                               "lag_projection": projection, "levels": {}}
+        warm = self.loadgen(f"admissions warm-up: fill all {nodes} nodes, 32 concurrent",
+                            spec("launch", 32, count=nodes))
+        expect.add_launches(warm, people)
+        request_id = uuid.uuid4().hex
+        user, project = people[0]
+        from api.auth import mint_token
+
+        token = mint_token(self.run.jwt_secret, user_id=user, project_ids=[project])
+        extra = httpx.post(server.url + "/api/v1/launch/compute", json={"sku": setup["sku"]},
+                           timeout=60, headers={
+                               "Authorization": f"Bearer {token}", "X-Project-ID": project,
+                               "Idempotency-Key": uuid.uuid4().hex, "X-Request-Id": request_id})
+        if extra.status_code == 202:
+            expect.launched[request_id] = extra.json()["workload_id"]
+            warm["leases"].append([request_id, 0, extra.json()["workload_id"]])
+        else:
+            expect.launch_refused[request_id] = f"{extra.status_code} {extra.json().get('code')}"
+        out["full"] = {"admitted": len(warm["leases"]), "extra_launch": expect.launch_refused.get(
+            request_id, "202 (admitted beyond capacity)")}
+        out["warmup"] = {**strip(warm), "release": strip(release(warm, "admissions warm-up: "
+                                                                       "release every lease"))}
+        for concurrency in levels:
+            poller = PositionPoller(dsn, "log", projection=projection)
+            poller.start()
+            try:
+                result = self.loadgen(f"admissions: {per_level} launches, {concurrency} concurrent",
+                                      spec("launch", concurrency, count=per_level))
+                expect.add_launches(result, people)
+                highest = max((int(p) for _, p in result["positions"]), default=0)
+                wait_until(lambda: (bool(poller.samples) and poller.samples[-1][1] >= highest)
+                           or poller.error is not None, 120,
+                           f"the {projection} read model to reach the last launch")
+            finally:
+                poller.stop()
+            released = release(result, f"admissions: release {len(result['leases'])} leases, "
+                                        "32 concurrent")
+            out["levels"][str(concurrency)] = {
+                **strip(result), "admitted": len(result["leases"]),
+                "admissions_per_second": result["ok_per_second"],
+                "lag": poller.lags(result["positions"]), "release": strip(released)}
+        target = stores.app.recorder.max_notification_id() or 0
+        wait_until(lambda: all(read_position(dsn, "log", name) >= target
+                               for name in (projection, "inventory", "billing_ledger")),
+                   300, "the admissions read models to catch up")
+        self.stop("server (admissions)", server.child)
+        task = self.task("integrity (admissions): scan the event store, compare, rebuild", target)
+        summary = admissions.check(stores, expect, users=people, node_ids=setup["node_ids"],
+                                   cap=DEFAULT_MAX_CONCURRENT,
+                                   tick=lambda n: self.progress.update(task, completed=n))
+        self.done(task)
+        if out["full"]["extra_launch"] != "409 sku_unavailable":
+            summary["ok"] = False
+            summary["problems"].append(f"[admissions] a launch beyond the {nodes} full nodes "
+                                       f"answered {out['full']['extra_launch']}")
+            summary["problem_count"] += 1
+        self.results["integrity"]["admissions"] = summary
+        self.results["ledgercore"]["admissions"] = out
+
+    # ---- 6. replay -------------------------------------------------------------------------
     def replay(self) -> None:
         from infra.db import Stores
 
@@ -577,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
                       disable=not console.is_terminal) as progress:
             suite = Suite(run, params, progress, console)
             for phase in (suite.machine_limits, suite.ledgercore_direct, suite.ledgercore_kafka,
-                          suite.placement, suite.replay):
+                          suite.placement, suite.admissions, suite.replay):
                 phase_started = time.monotonic()
                 phase()
                 suite.phase_seconds[phase.__name__] = round(time.monotonic() - phase_started, 1)

@@ -73,7 +73,8 @@ class Caller:
         return {**bearer(self.token), "X-Project-ID": str(self.project),
                 **({"Idempotency-Key": uuid.uuid4().hex} if key else {})}
 
-    def create(self, sku: str, count: int, node_id: str | None = None) -> Callable[[httpx.Client], httpx.Response]:
+    def create(self, sku: str, count: int,
+               node_id: str | None = None) -> Callable[[httpx.Client], httpx.Response]:
         body: dict[str, Any] = {"scheduler_type": "bare_metal", "requested_count": count,
                                 "scheduler_request": {"sku": sku}}
         if node_id is not None:
@@ -229,6 +230,8 @@ def test_many_users_racing_for_few_nodes_never_overbook(served: Any, services: A
     for (caller, kind, wanted), response in zip(wants, responses):
         mine = live[str(caller.user)]
         assert admitted.get(str(caller.user), set()) <= mine  # nothing acknowledged was lost
+        if kind == "create" and response.status_code == 201:
+            assert mine == admitted[str(caller.user)]
         if kind == "launch" and response.status_code == 202:
             assert len(mine) == wanted  # all or none
         if response.status_code == 409:
