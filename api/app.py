@@ -22,6 +22,7 @@ from api.commands import restrictions as restriction_commands
 from api.commands import shadow_rating
 from api.contract import served_document
 from api.middleware import RequestContext
+from api.queries import allocations as allocation_queries
 from api.queries import billing as billing_queries
 from api.queries import billing_account, budgets, invoices
 from api.queries import diagnostics as diagnostics_queries
@@ -34,6 +35,7 @@ from api.queries import posture, precheck
 from api.queries import reconciliation as reconciliation_queries
 from api.queries import refunds as refund_queries
 from api.queries import usage as usage_queries
+from api.queries import workloads as workload_queries
 from consumers.direct import DirectProjector
 from infra.db import Stores
 from infra.settings import Settings
@@ -41,12 +43,13 @@ from infra.settings import Settings
 ROUTERS = (health.router, billing_commands.router, billing_queries.router,
            payment_commands.router, payment_queries.router, restriction_commands.router,
            posture.router, inventory_commands.router,
-           allocations.router, node_tasks.router, inventory_queries.router, precheck.router,
+           allocations.router, node_tasks.router, inventory_queries.router,
+           allocation_queries.router, precheck.router,
            usage_queries.router, shadow_rating.router,
            refund_commands.router, refund_queries.router, dispute_queries.router,
            reconciliation_commands.router, reconciliation_queries.router,
            finance_queries.router, diagnostics_queries.router,
-           invoices.router, budgets.router, billing_account.router)
+           invoices.router, budgets.router, billing_account.router, workload_queries.router)
 
 
 def implemented_routes() -> dict[str, tuple[str, str]]:

@@ -6,6 +6,7 @@ May import: ``domain`` (events and value types only), ``eventsourcing`` and
 ``psycopg``. Never ``api``, ``consumers`` or ``infra``.
 """
 
+from projections.allocations import Allocations
 from projections.billing_ledger import BillingLedger
 from projections.budgets import Budgets
 from projections.disputes import Disputes
@@ -17,8 +18,10 @@ from projections.reconciliation import ReconciliationRuns
 from projections.refunds import Refunds
 from projections.restrictions import Restrictions
 from projections.usage import Usage
+from projections.workloads import Workloads
 
 #: every read model, in the order a batch applies them
 ALL = (BillingLedger(), Payments(), Restrictions(), Inventory(), Usage(), Refunds(),
-       Disputes(), ReconciliationRuns(), FinanceAudit(), Invoices(), Budgets())
+       Disputes(), ReconciliationRuns(), FinanceAudit(), Invoices(), Budgets(), Allocations(),
+       Workloads())
 BY_NAME = {projection.name: projection for projection in ALL}

@@ -115,6 +115,8 @@ class Inventory:
             " claim jsonb NOT NULL, notification_id bigint NOT NULL)",
             f"CREATE INDEX IF NOT EXISTS inventory_claims_user ON {s}.inventory_claims"
             " (user_id, status)",
+            f"CREATE INDEX IF NOT EXISTS inventory_claims_allocation ON {s}.inventory_claims"
+            " (allocation_id)",
             f"CREATE TABLE IF NOT EXISTS {s}.inventory_skus ("
             " id uuid PRIMARY KEY, state jsonb NOT NULL, sku text NOT NULL UNIQUE,"
             " active boolean NOT NULL, resource_class text NOT NULL, shape text,"
