@@ -175,9 +175,14 @@ def project_scope(request: Request, principal: Principal) -> uuid.UUID:
     except ValueError:
         raise ApiError(400, "validation_error", "X-Project-ID must be a uuid",
                        header="X-Project-ID") from None
+    require_member(principal, project)
+    return project
+
+
+def require_member(principal: Principal, project: uuid.UUID) -> None:
+    """403 unless the caller belongs to ``project`` (a service account: its one project)."""
     if principal.actor_type == "service_account":
         if principal.token_project_id != project:
             raise ApiError(403, "token_scope_invalid", "the token is not valid for this project")
     elif project not in principal.project_ids:
         raise ApiError(403, "insufficient_permissions", "no access to this project")
-    return project

@@ -29,7 +29,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from api.auth import Principal, admin, authenticate, project_scope
+from api.auth import Principal, admin, authenticate, project_scope, require_member
 from api.errors import ApiError
 from api.pagination import PageRequest, encode_cursor, page_request, pagination_block
 from api.queries import cached_query
@@ -51,16 +51,6 @@ Status = Literal["requested", "provisioning", "active", "restarting", "restart_f
 def _not_found(allocation_id: UUID) -> ApiError:
     return ApiError(404, "allocation_not_found", "allocation not found",
                     allocation_id=str(allocation_id))
-
-
-def _member(principal: Principal, project_id: UUID) -> None:
-    """A path-scoped project: 403 unless the caller is a member (``project_scope``'s
-    rule for the header)."""
-    if principal.actor_type == "service_account":
-        if principal.token_project_id != project_id:
-            raise ApiError(403, "token_scope_invalid", "the token is not valid for this project")
-    elif project_id not in principal.project_ids:
-        raise ApiError(403, "insufficient_permissions", "no access to this project")
 
 
 def _tenant(principal: Principal, org_id: UUID) -> None:
@@ -128,7 +118,7 @@ def list_project_allocations(project_id: UUID, request: Request,
     filters = {"project_id": project_id, "status": status}
     page = _page(request, principal, "listProjectAllocations", cursor=cursor,
                  page_size=page_size, filters=filters)
-    _member(principal, project_id)
+    require_member(principal, project_id)
     return _list(request, principal, "listProjectAllocations", page, filters=filters,
                  limits_of=principal.user_id)
 
@@ -187,7 +177,7 @@ def get_allocation_by_id(allocation_id: UUID, request: Request,
             operation_id="getProjectAllocationById")
 def get_project_allocation_by_id(project_id: UUID, allocation_id: UUID, request: Request,
                                  principal: Principal = Depends(authenticate)) -> JSONResponse:
-    _member(principal, project_id)
+    require_member(principal, project_id)
     return _detail(request, principal, "getProjectAllocationById", allocation_id,
                    project_id=project_id)
 
