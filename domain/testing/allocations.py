@@ -45,8 +45,9 @@ from uuid import UUID
 
 from domain.allocations import Allocation, node_task_id_for, quota_id_for
 from domain.billing import BillingAccount, account_id_for
-from domain.inventory import NodeInventory
+from domain.inventory import NodeInventory, state_of
 from domain.usage import UsageRecord, usage_id_for_allocation
+from domain.workload_views import compute_workload_json, step_of
 
 #: allocations §3.1: every edge the table allows, and nothing else
 EDGES: dict[str, tuple[str, ...]] = {
@@ -406,7 +407,8 @@ def observe(app: Any, model: ReferenceAllocations, mirror: EventMirror | None = 
             "tasks": {tid: {"phase": t["phase"], "dispatched": t["dispatched_at"] is not None,
                             "result": t["result"]} for tid, t in allocation.tasks.items()},
             "open_task": allocation.open_task, "moves": moves, "events_after_released": after_end,
-            "created_event_at": events[0].timestamp, "usage": usage}
+            "created_event_at": events[0].timestamp, "usage": usage,
+            "row": _workload_row(allocation, events, usage)}
     quota, accounts = {}, {}
     users = {lease.user for lease in model.leases.values()} | set(model.funds)
     for user in users:
@@ -417,6 +419,17 @@ def observe(app: Any, model: ReferenceAllocations, mirror: EventMirror | None = 
                    if isinstance(e, BillingAccount.LedgerEntryPosted)]
         accounts[user] = {"balance": account.balance("USD") if account else 0, "entries": entries}
     return {"leases": leases, "node_claims": node_claims, "quota": quota, "accounts": accounts}
+
+
+def _workload_row(allocation: Allocation, events: list[Any],
+                  usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The V3 workbench row the ``workloads`` read model builds from these events
+    (the same pure functions, fed the same way: each event's step, then the state)."""
+    steps = [step for step in map(step_of, events) if step is not None]
+    cost = None if usage is None else {"amount_minor": usage["cost"],
+                                       "currency": allocation.lease["hourly_rate"]["currency"]}
+    return compute_workload_json(state_of(allocation), steps, now=events[-1].timestamp,
+                                 usage_cost=cost, node=None, funds=None)
 
 
 def _stamp(value: str | None) -> datetime | None:
@@ -441,6 +454,17 @@ def check_invariants(model: ReferenceAllocations, live: dict[str, Any]) -> None:
             f"{name}: timeline {got['moves']} != model {want.timeline}"
         times = [at for _, at in want.timeline]
         assert times == sorted(times), f"{name}: timeline out of order"
+        # §5.14 the V3 row: the lease's status and id; §5.15 actions follow the guards
+        row = got["row"]
+        assert (row["status"], row["allocation_id"], row["kind"]) == (want.status, lease_id, "compute"), \
+            f"{name}: V3 row {row['status']} != model {want.status}"
+        enabled = {a["action"]: a["enabled"] for a in row["lifecycle_actions"]}
+        assert enabled["release"] == (want.status not in ("releasing", "released", "failed")), \
+            f"{name}: release action enabled={enabled['release']}"
+        assert enabled["restart"] == (want.status in ("active", "restart_failed")), \
+            f"{name}: restart action enabled={enabled['restart']}"
+        assert row["accrued_cost"]["amount_minor"] == (want.cost() if want.meter_start else 0), \
+            f"{name}: V3 accrued_cost"
         # §5.2 absorbing
         if want.status == "released":
             assert got["events_after_released"] == 0, f"{name}: changed after released"
