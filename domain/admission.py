@@ -44,7 +44,7 @@ def hourly_rate(sku: Sku, gpus_total: int) -> dict[str, Any]:
             "currency": price.currency}
 
 
-def _financial_gate(session: Session, *, user_id: UUID, tenant_id: UUID | None,
+def financial_gate(session: Session, *, user_id: UUID, tenant_id: UUID | None,
                     project_id: UUID) -> None:
     """409 ``insufficient_balance`` when a restriction blocks launches or the caller's
     balance (in the account's primary currency) is not above zero (allocations §4)."""
@@ -103,7 +103,7 @@ def admit(session: Session, ctx: CommandContext, *, user_id: UUID, tenant_id: UU
     """Admit up to ``leases`` leases of ``sku``: all of them, or (``all_or_none=False``)
     as many as the cap and the capacity allow, at least one. Returns what changed and
     the new allocations' ``Allocation`` JSON; refuses (and changes nothing) when none can be admitted."""
-    _financial_gate(session, user_id=user_id, tenant_id=tenant_id, project_id=project_id)
+    financial_gate(session, user_id=user_id, tenant_id=tenant_id, project_id=project_id)
     quota = _quota(session, ctx, user_id)
     limit = current_policy(session)
     headroom = limit - len(quota.live)
