@@ -407,7 +407,7 @@ def _quota_keeps_ended_leases(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _no_balance_gate(monkeypatch: pytest.MonkeyPatch) -> None:
     """Launches admitted without a positive balance."""
-    monkeypatch.setattr(admission, "_financial_gate", lambda session, **kwargs: None)
+    monkeypatch.setattr(admission, "financial_gate", lambda session, **kwargs: None)
 
 
 @pytest.mark.parametrize("plant", [_restart_from_failed, _release_keeps_claims,
