@@ -127,6 +127,17 @@ def timed_rebuild(stores: Any, progress: bool) -> tuple[int, float]:
     return count, time.monotonic() - started
 
 
+def timed_audit_replay(stores: Any, tick: Callable[[int], None] | None = None
+                       ) -> tuple[Any, float]:
+    """``ledgercore replay --as-of now`` over the whole history (``infra.audit.replay``):
+    the as-of position, then every account folded from its first event."""
+    from infra.audit.replay import replay as audit_replay
+
+    started = time.monotonic()
+    state = audit_replay(stores.app, datetime.now(timezone.utc), tick=tick)
+    return state, time.monotonic() - started
+
+
 def read_model_balances(stores: Any) -> dict[str, int]:
     with stores.query_pool.connection() as conn:
         rows = conn.execute("SELECT owner_user_id, amount_minor FROM readmodels.balances"

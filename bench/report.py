@@ -104,6 +104,10 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row(section, f"rebuild from {rep['rebuild']['events']:,} events: events/s",
                          rep["rebuild"]["events_per_second"], "/s", "psycopg, 100 rows per commit",
                          insert_100))
+    if "audit_replay" in rep:
+        rows.append(_row(section, f"audit replay (replay --as-of) of {rep['audit_replay']['events']:,}"
+                         " events: events/s", rep["audit_replay"]["events_per_second"], "/s",
+                         "psycopg, 100 rows per commit", insert_100))
     if "generation" in rep:
         rows.append(_row(section, f"append history (app.save, {rep['generator_workers']} processes):"
                          " events/s", rep["generation"]["events_per_second"], "/s",

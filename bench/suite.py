@@ -14,7 +14,7 @@ Phases (one at a time, so they do not share the two cores):
 5. admissions: allocation launches through HTTP against ample capacity, at a few
    client concurrencies, with the allocations read model's lag, then the phase's own
    integrity check (``bench/admissions.py``);
-6. replay: a history of ``--events`` events, ``catch_up`` and ``rebuild`` rates.
+6. replay: a history of ``--events`` events, ``catch_up``, ``rebuild`` and audit replay rates.
 """
 
 from __future__ import annotations
@@ -561,15 +561,31 @@ class Suite:
         self.check_meter(meter, "rebuild", out)
         out["rebuild"] = {"events": count, "seconds": seconds, "events_per_second": count / seconds}
         out["event_bytes"] = replay.event_bytes(stores)
+        task = self.task(f"audit replay (ledgercore replay --as-of now) of {total:,} events", total)
+        meter = CpuAccount(include_children=True)
+        state, seconds = replay.timed_audit_replay(
+            stores, tick=lambda n: self.progress.update(task, completed=n))
+        self.done(task)
+        self.check_meter(meter, "audit replay", out)
+        out["audit_replay"] = {"events": state.events, "seconds": seconds,
+                               "events_per_second": state.events / seconds}
+        folded = {owner: amount for (owner, currency), amount in state.balances().items()
+                  if currency == "USD"}
         balances = replay.read_model_balances(stores)
         wrong = [user for user in set(expected) | set(balances) if expected.get(user) != balances.get(user)]
+        unfolded = [user for user in set(expected) | set(folded) if expected.get(user) != folded.get(user)]
         self.results["integrity"]["replay"] = {
-            "label": "replay", "ok": not wrong and count == total, "accounts": len(expected),
-            "events": total, "rebuilt_events": count,
+            "label": "replay", "ok": not wrong and not unfolded and count == total == state.events,
+            "accounts": len(expected), "events": total, "rebuilt_events": count,
+            "replayed_events": state.events,
             "problems": ([f"[replay] rebuild replayed {count} of {total} events"] if count != total else [])
+            + ([f"[replay] the audit replay folded {state.events} of {total} events"]
+               if state.events != total else [])
             + [f"[replay] account of user {u}: expected {expected.get(u)}, rebuilt {balances.get(u)}"
-               for u in wrong[:integrity.MAX_LISTED]],
-            "problem_count": len(wrong) + (count != total)}
+               for u in wrong[:integrity.MAX_LISTED]]
+            + [f"[replay] account of user {u}: expected {expected.get(u)}, audit replay "
+               f"{folded.get(u)}" for u in unfolded[:integrity.MAX_LISTED]],
+            "problem_count": len(wrong) + len(unfolded) + (count != total) + (state.events != total)}
         self.results["ledgercore"]["replay"] = out
 
 

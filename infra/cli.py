@@ -3,7 +3,8 @@
 Subcommands: ``run`` (the service), ``token`` (mint a bearer token), ``rebuild`` (a read
 model from the event store), ``relay`` and ``project`` (the Kafka transport's
 processes), ``invoices close|pay|void`` and ``budgets set`` (billing operator commands
-the contract has no operation for).
+the contract has no operation for), and the auditors' ``replay``, ``verify`` and
+``export`` (``infra.audit``).
 """
 
 from __future__ import annotations
@@ -377,6 +378,222 @@ def budgets_set(tenant: str = typer.Option(..., help="the tenant (org) uuid"),
         project_id=project_id, name=name, period=period, amount=Money(amount_minor, currency),
         threshold_percent=threshold, enforcement_mode=mode, active=active, starts_at=starts,
         ends_at=ends, render=_render)).response)
+
+
+# ---- auditors: replay, verify, export (infra/audit; exit 1 on a discrepancy, 2 on misuse) --
+def _instant_option(value: str | None, name: str) -> Any:
+    from infra.audit.log import parse_instant
+
+    if value is None:
+        return None
+    try:
+        return parse_instant(value)
+    except ValueError:
+        console.print(f"{name} must be an ISO-8601 instant, e.g. 2026-11-23T10:00:00Z")
+        raise typer.Exit(2) from None
+
+
+def _audit_stores() -> tuple[Any, Any]:
+    from infra.db import Stores
+
+    settings, pg = _with_database(Settings.from_env())
+    return Stores.open(settings), pg
+
+
+def _close_audit_stores(stores: Any, pg: Any) -> None:
+    stores.close()
+    if pg is not None:
+        pg.stop()
+
+
+def _print_json(value: Any) -> None:
+    import json
+
+    print(json.dumps(value, indent=2, sort_keys=False, default=str))
+
+
+@cli.command("replay")
+def audit_replay(as_of: str = typer.Option(..., "--as-of", help="the instant, ISO-8601 "
+                                           "(without an offset: UTC)"),
+                 account: Optional[str] = typer.Option(None, help="one account: its owner's "
+                                                       "user id or its billing account id"),
+                 json_output: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
+    """Balances, usage and open claims as they stood at an instant, from the events alone.
+
+    The state is the fold of the log up to the last event stamped at or before the
+    instant (no snapshot, no read model)."""
+    from infra.audit.log import as_of_position, head, progress
+    from infra.audit.replay import fold
+
+    instant = _instant_option(as_of, "--as-of")
+    account_id = _uuid_option(account, "--account") if account else None
+    stores, pg = _audit_stores()
+    try:
+        with progress(f"finding the last event at or before {as_of}", None):
+            position = as_of_position(stores.app, instant)
+        with progress(f"replaying {position:,} positions", position) as tick:
+            state = fold(stores.app, position, account=account_id, tick=tick)
+        state.instant = instant
+        answer = state.as_json()
+        answer["event_store_position"] = head(stores.app)
+    finally:
+        _close_audit_stores(stores, pg)
+    if json_output:
+        _print_json(answer)
+        return
+    print(f"as of {answer['as_of']}: log position {answer['position']:,} of "
+          f"{answer['event_store_position']:,} ({answer['events_read']:,} events read, "
+          f"{answer['events_folded']:,} folded, in {answer['seconds']} s)")
+    print("balances (minor units):" if answer["accounts"] else "balances: none")
+    for a in answer["accounts"]:
+        for currency, amount in (a["balances"] or {a["primary_currency"]: 0}).items():
+            print(f"  {a['owner_user_id']}  {currency} {amount:>16,}  (account: {a['entries']} entries, "
+                  f"last hash {a['last_hash']})")
+    print("usage records:" if answer["usage"] else "usage records: none")
+    for r in answer["usage"]:
+        print(f"  {r['id']}  {r['status']:<6}  owner {r['owner_user_id']}  {r['usage_source']} "
+              f"{r['sku'] or ''}  from {r['start_time']} to {r['end_time'] or '-'}  billed to "
+              f"{r['billed_to'] or '-'}  cost {r['cost_minor']:,} {r['currency']}")
+    print("open placement claims:" if answer["open_claims"] else "open placement claims: none")
+    for c in answer["open_claims"]:
+        print(f"  {c['id']}  {c['status']:<12}  node {c['node_id']}  allocation "
+              f"{c['allocation_id']}  user {c['user_id']}  {c['claim_kind']} since {c['created_at']}")
+
+
+@cli.command("export")
+def audit_export(format_: str = typer.Option("ndjson", "--format", help="ndjson | csv"),
+                 from_: Optional[str] = typer.Option(None, "--from", help="entries from this "
+                                                     "instant (ISO-8601)"),
+                 to: Optional[str] = typer.Option(None, "--to", help="entries up to this "
+                                                  "instant, inclusive (ISO-8601)"),
+                 account: Optional[str] = typer.Option(None, help="one account: its owner's "
+                                                       "user id or its billing account id"),
+                 out: Optional[str] = typer.Option(None, "--out", help="write to this file "
+                                                   "(default: standard output)"),
+                 json_output: bool = typer.Option(False, "--json", help="the summary as JSON")) -> None:
+    """Ledger entries and their events with each account's hash chain (NDJSON or CSV).
+
+    Streamed in log order, so that `verify --offline FILE` proves the file without a
+    database."""
+    from pathlib import Path
+
+    from infra.audit.export import export_records, write
+    from infra.audit.log import as_of_position, head, position_before, progress
+
+    if format_ not in ("ndjson", "csv"):
+        console.print("--format is ndjson or csv")
+        raise typer.Exit(2)
+    start, stop = _instant_option(from_, "--from"), _instant_option(to, "--to")
+    if start is not None and stop is not None and stop < start:
+        console.print("--to is before --from")
+        raise typer.Exit(2)
+    account_id = _uuid_option(account, "--account") if account else None
+    target = Path(out) if out else None
+    if target is not None and not target.parent.is_dir():
+        console.print(f"no directory {target.parent}")
+        raise typer.Exit(2)
+    stores, pg = _audit_stores()
+    try:
+        with progress("finding the period's log positions", None):
+            after = position_before(stores.app, start) if start is not None else 0
+            last = as_of_position(stores.app, stop) if stop is not None else head(stores.app)
+        meta = {"from": start and start.isoformat(), "to": stop and stop.isoformat(),
+                "account": account}
+        handle = target.open("w", encoding="utf-8", newline="") if target else sys.stdout
+        try:
+            with progress(f"exporting positions {after + 1:,}–{last:,}", last - after) as tick:
+                end = write(export_records(stores.app, after=after, stop=max(after, last),
+                                           account=account_id, meta=meta,
+                                           tick=lambda p: tick(p - after)),
+                            handle, format_)
+        finally:
+            if target is not None:
+                handle.close()
+            else:
+                handle.flush()
+    finally:
+        _close_audit_stores(stores, pg)
+    summary = {"file": str(target) if target else None, "format": format_,
+               "from_position": after, "to_position": max(after, last),
+               "accounts": end.get("accounts"), "entries": end.get("entries")}
+    if json_output and target is not None:
+        _print_json(summary)
+    elif json_output:
+        import json
+
+        console.print_json(json.dumps(summary))
+    else:
+        console.print(f"exported {summary['entries']:,} entries of {summary['accounts']:,} "
+                      f"accounts (log positions {after + 1:,}–{summary['to_position']:,})"
+                      + (f" to {target}" if target else ""))
+
+
+@cli.command("verify")
+def audit_verify(offline: Optional[str] = typer.Option(None, "--offline", help="prove an "
+                                                       "export file instead; no database"),
+                 json_output: bool = typer.Option(False, "--json", help="machine-readable"),
+                 settle_seconds: float = typer.Option(10.0, help="how long to wait for a "
+                                                      "read model in motion to settle")) -> None:
+    """Prove the read models, balances and hash chains from the events (--offline: a file).
+
+    Recomputes every read model and balance from the events and compares them with the
+    live read models; verifies every account's hash chain and stored snapshot. Prints
+    each discrepancy with the event that explains it; exit 1 when there is one. With
+    --offline FILE: verify an export (every hash, link, sequence, balance), no database."""
+    from pathlib import Path
+
+    if offline is not None:
+        from infra.audit.offline import verify_file
+
+        path = Path(offline)
+        if not path.is_file():
+            console.print(f"no file {path}")
+            raise typer.Exit(2)
+        try:
+            result = verify_file(path)
+        except (OSError, UnicodeDecodeError) as error:
+            console.print(f"cannot read {path}: {error}")
+            raise typer.Exit(2) from None
+        if json_output:
+            _print_json(result.as_json())
+        else:
+            for finding in result.findings:
+                print(finding)
+            count = len(result.findings)
+            print(f"{path}: {result.entries:,} entries of {result.accounts:,} accounts, "
+                  + ("every chain holds" if result.ok else
+                     f"{count} discrepanc{'y' if count == 1 else 'ies'}"))
+        if not result.ok:
+            raise typer.Exit(1)
+        return
+    from infra.audit.log import progress
+    from infra.audit.verify import verify
+
+    stores, pg = _audit_stores()
+    try:
+        report = verify(stores, settle_seconds=settle_seconds,
+                        progress=lambda label, total: progress(label, total))
+    finally:
+        _close_audit_stores(stores, pg)
+    if json_output:
+        _print_json(report.as_json())
+    else:
+        for discrepancy in report.discrepancies:
+            print(discrepancy)
+        for model in report.read_models:
+            if not model.settled:
+                print(f"[read_model {model.name}] not verified: it kept applying events "
+                      f"beyond its position {model.position}")
+        at = {m.position for m in report.read_models}
+        models = (f"at position {at.pop():,}" if len(at) == 1 else "at positions "
+                  + ", ".join(f"{m.name} {m.position:,}" for m in report.read_models))
+        count = len(report.discrepancies)
+        print(f"event store at position {report.head:,}: {report.accounts:,} accounts, "
+              f"{report.entries:,} ledger entries; {len(report.read_models)} read models "
+              f"{models}: " + ("everything matches" if report.ok else
+                               f"{count} discrepanc{'y' if count == 1 else 'ies'}"))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:
