@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
@@ -48,14 +50,39 @@ def render_domain_error(error: DomainError, correlation: str) -> dict[str, Any]:
             "body": error_body(error.code, error.message, error.details, correlation)}
 
 
-def _json(status: int, body: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(status_code=status, content=body)
+def _json(status: int, body: dict[str, Any],
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _location(loc: tuple[Any, ...]) -> tuple[str, str]:
     where = str(loc[0]) if loc else "body"
     field = ".".join(str(part) for part in loc[1:]) or where
     return where, field
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path, for a 405's ``Allow`` (RFC 9110
+    §15.5.6). Starlette names only the first route that matched the path, and a path
+    here is often served by two routes (``GET`` and ``POST`` of one collection)."""
+    methods: set[str] = set()
+    for route in _routes(request.app.router.routes):
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
+def _routes(routes: list[Any]) -> Iterator[Any]:
+    """The routes, with included routers opened (FastAPI ≥ 0.16x keeps an included router
+    as one entry holding the ``original_router``; ours are included without a prefix)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes)
+        else:
+            yield route
 
 
 def install(app: FastAPI) -> None:
@@ -82,8 +109,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
         return _json(exc.status_code, error_body("invalid_request", str(exc.detail),
-                                                 {"reason": reason}, correlation_id(request)))
+                                                 {"reason": reason}, correlation_id(request)),
+                     headers=headers or None)
 
     @app.exception_handler(StoreOperationalError)
     @app.exception_handler(StoreInterfaceError)

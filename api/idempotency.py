@@ -22,15 +22,22 @@ HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 128
 
 
-def claim(request: Request, principal: Principal, operation_id: str,
-          body: dict[str, Any] | None) -> IdempotencyClaim | None:
+def checked_key(request: Request) -> str | None:
+    """The request's Idempotency-Key, or None; 400 if it is malformed. Also for an
+    operation that declares the header but has nothing to replay (a precheck)."""
     key = request.headers.get(HEADER)
-    if key is None:
-        return None
-    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+    if key is not None and (not key or len(key) > MAX_KEY_LENGTH or not key.isprintable()):
         raise ApiError(400, "validation_error",
                        f"{HEADER} must be 1 to {MAX_KEY_LENGTH} printable characters",
                        header=HEADER)
+    return key
+
+
+def claim(request: Request, principal: Principal, operation_id: str,
+          body: dict[str, Any] | None) -> IdempotencyClaim | None:
+    key = checked_key(request)
+    if key is None:
+        return None
     fingerprint = hashlib.sha256(canonical_json({
         "body": body,
         "path": {k: str(v) for k, v in request.path_params.items()},

@@ -4,10 +4,12 @@ precheck query and the submit command."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from api.fields import JsonObject
 
 
 class V3ComputeLaunchPrecheckRequest(BaseModel):
@@ -19,10 +21,11 @@ class V3ComputeLaunchPrecheckRequest(BaseModel):
     os_image_slug: str | None = None
     region_code: str | None = None
     scheduler_type: Literal["bare_metal", "slurm", "k8s", "ray"] | None = None
-    ssh_key_ids: list[UUID] = Field(default_factory=list, strict=False)
+    # lax items: model-wide strict=True would refuse a uuid sent as a JSON string
+    ssh_key_ids: list[Annotated[UUID, Field(strict=False)]] = Field(default_factory=list)
     storage_bucket_ids: list[str] = Field(default_factory=list)
     network_policy_id: str | None = None
-    scheduler_request: dict[str, Any] = Field(default_factory=dict)
+    scheduler_request: JsonObject = Field(default_factory=dict)
 
 
 class V3ComputeLaunchSubmitRequest(V3ComputeLaunchPrecheckRequest):

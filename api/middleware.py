@@ -1,19 +1,38 @@
-"""Pure ASGI middleware: correlation ids and the request-body size limit."""
+"""Pure ASGI middleware: correlation ids, the request-body size limit, and no NUL
+characters anywhere in a request."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
 Scope = dict[str, Any]
 MAX_REQUEST_ID = 128
+#: a JSON ``\u0000`` escape (a NUL character), not an escaped backslash before ``u0000``
+JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def nul_in(scope: Scope, body: bytes) -> str | None:
+    """Where the request carries a NUL character (``path``, ``query``, ``body``), or None.
+    Postgres text and jsonb cannot hold one: a NUL that reached a read model would stop
+    its projection for good, and one in a filter would fail the query."""
+    if "\x00" in scope.get("path", ""):
+        return "path"
+    query = scope.get("query_string", b"")
+    if b"%00" in query or b"\x00" in query:
+        return "query"
+    if b"\x00" in body or JSON_NUL.search(body):
+        return "body"
+    return None
 
 
 class RequestContext:
     """Takes ``X-Request-Id`` as the correlation id or makes one, echoes it on the
-    response, and refuses an ``X-Request-Id`` over 128 characters and bodies over
-    ``max_body_bytes`` with a 400 ``ErrorResponse`` before any handler runs."""
+    response, and refuses an ``X-Request-Id`` over 128 characters, bodies over
+    ``max_body_bytes`` and a NUL character in the path, query or body with a 400
+    ``ErrorResponse`` before any handler runs."""
 
     def __init__(self, app: Any, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -55,6 +74,14 @@ class RequestContext:
             if len(body) > self.max_body_bytes:
                 await self._too_large(send_with_id, correlation)
                 return
+        where = nul_in(scope, body)
+        if where is not None:
+            await self._refuse(send_with_id, correlation,
+                               f"the request {where} contains a NUL character",
+                               {"fields": [{"location": where, "field": where,
+                                            "reason": "nul_character",
+                                            "message": "NUL (U+0000) is not accepted"}]})
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:

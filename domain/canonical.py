@@ -33,6 +33,25 @@ def _normalise(value: Any) -> Any:
     raise TypeError(f"cannot canonicalise {type(value).__name__}")
 
 
+def first_float(value: Any, path: str = "") -> str | None:
+    """The path (``a.0.b``) of the first float in parsed JSON ``value``, or None: what
+    the API refuses in a free-form object, since canonical JSON (idempotency
+    fingerprints, task signatures) has no floats."""
+    if isinstance(value, float):
+        return path
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = first_float(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def canonical_json(value: Any) -> bytes:
     return json.dumps(
         _normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False

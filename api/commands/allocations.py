@@ -4,7 +4,7 @@ and ``submitV3ComputeLaunch`` (+ its V3 twin)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request
@@ -15,6 +15,7 @@ from api import idempotency
 from api.auth import Principal, admin, authenticate, project_scope
 from api.commands import context, renderer, run
 from api.errors import ApiError, correlation_id
+from api.fields import JsonObject
 from api.launch_request import V3ComputeLaunchSubmitRequest
 from domain.admission import create_allocations, submit_launch
 from domain.allocation_views import mutation_json
@@ -28,14 +29,16 @@ class CreateAllocationRequest(BaseModel):
     model_config = Strict
     node_id: UUID | None = Field(default=None, strict=False)
     requested_count: int = Field(default=1, ge=1, le=20)
-    ssh_key_ids: list[UUID] | None = Field(default=None, min_length=1, max_length=20,
-                                           strict=False)
+    # the items lax too: a model-wide strict=True reaches into the list, where a uuid
+    # arrives as a JSON string (the field's own strict=False covers only the list)
+    ssh_key_ids: list[Annotated[UUID, Field(strict=False)]] | None = Field(
+        default=None, min_length=1, max_length=20)
     runtime_bundle_id: UUID | None = Field(default=None, strict=False)
     runtime_bundle_slug: str | None = None
     scheduler_type: Literal["bare_metal", "slurm", "k8s", "ray"]
     capacity_shape: Literal["baremetal", "gpu_slice"] | None = None
     gpu_count: int | None = Field(default=None, ge=1)
-    scheduler_request: dict[str, Any] = Field(default_factory=dict)
+    scheduler_request: JsonObject = Field(default_factory=dict)
 
 
 def created(result: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from api.auth import Principal, admin
 from api.commands import context, renderer, run
 from api.errors import ApiError
 from domain.billing import adjust_balance
-from domain.money import Money, is_known_currency
+from domain.money import INT64_MAX, Money, is_known_currency
 
 router = APIRouter()
 
@@ -22,7 +22,7 @@ router = APIRouter()
 class AdminAdjustBalanceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     direction: Literal["credit", "debit"]
-    amount_minor: int = Field(ge=1)
+    amount_minor: int = Field(ge=1, le=INT64_MAX)
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     reason: str
 

@@ -9,21 +9,25 @@ Every operation with a V3 twin is one handler under both paths. All need
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from api import idempotency
 from api.auth import Principal, admin
 from api.commands import context, renderer, run
 from api.errors import ApiError, correlation_id
+from api.fields import JsonObject
 from domain import nodes, placement, skus
 from domain.admission import backfill_placement_claims
 from domain.allocations import Allocation
 from domain.inventory_views import lifecycle_mutation_json, node_admin_json, slot_json
+from domain.money import INT64_MAX
 
 router = APIRouter()
 ADMIN_NODE = "/api/v1/admin/nodes/{node_id}"
@@ -39,16 +43,33 @@ async def probe_host(host: str, port: int) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                            PROBE_TIMEOUT_SECONDS)
-    except (OSError, asyncio.TimeoutError):
+    except (OSError, asyncio.TimeoutError, ValueError):  # ValueError: a name idna refuses
         return False
     writer.close()
     return True
 
 
 # ---- nodes ------------------------------------------------------------------------------
+def _host(value: str) -> str:
+    """An IP address or a DNS name (dot-separated labels of letters, digits, ``-``, ``_``):
+    anything else cannot be probed or reached over SSH (and idna refuses some of it)."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("must be an IP address or a DNS host name")
+    return value
+
+
+HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
 class AdminCreateNodeRequest(BaseModel):
     model_config = Strict
-    host: str = Field(min_length=3)
+    host: Annotated[str, AfterValidator(_host)] = Field(min_length=3)
     hostname: str | None = Field(default=None, min_length=3)
     port: int = Field(default=22, ge=1, le=65535)
     sku: str = Field(min_length=1)
@@ -115,8 +136,8 @@ class SlotModel(BaseModel):
     mac_address: str | None = None
     private_ip: str | None = None
     health_state: str | None = None
-    health_detail: dict[str, Any] = Field(default_factory=dict)
-    capacity_metadata: dict[str, Any] = Field(default_factory=dict)
+    health_detail: JsonObject = Field(default_factory=dict)
+    capacity_metadata: JsonObject = Field(default_factory=dict)
 
 
 class AdminUpsertNodeResourceSlotsRequest(BaseModel):
@@ -222,7 +243,7 @@ _lifecycle_route("resume-scheduling", nodes.resume_scheduling, 200, "resumeSched
 # ---- SKUs ------------------------------------------------------------------------------
 class MoneyModel(BaseModel):
     model_config = Strict
-    amount_minor: int
+    amount_minor: int = Field(ge=-INT64_MAX, le=INT64_MAX)
     currency: str = Field(pattern=r"^[A-Z]{3}$")
 
 
@@ -247,7 +268,7 @@ class AdminUpdateSkuRequest(BaseModel):
     billing_unit: Literal["gpu_hour", "node_hour", "vcpu_hour"]
     scheduling_unit: Literal["node", "slice", "vm"]
     resources: SkuResourcesModel
-    resource_profile: dict[str, Any] | None = None
+    resource_profile: JsonObject | None = None
     unit_price: MoneyModel
 
     def spec(self) -> dict[str, Any]:

@@ -14,11 +14,12 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Principal, node_agent
 from api.commands import context, renderer, respond
 from api.errors import ApiError
+from api.fields import Instant
 from domain.canonical import canonical_json
 from domain.leases import dispatch_node_tasks, report_node_task
 
@@ -67,7 +68,7 @@ class InternalNodeTaskResultRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     status: Literal["success", "failed", "rejected"]
     error: str | None = Field(default=None, max_length=4000)
-    completed_at: AwareDatetime = Field(strict=False)
+    completed_at: Instant = Field(strict=False)
     output: dict[str, Any]
 
 

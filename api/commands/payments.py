@@ -20,7 +20,7 @@ from api.commands import context, renderer, run
 from api.errors import ApiError, correlation_id
 from domain.disputes import dispute_update, parse_provider_dispute
 from domain.errors import DomainError
-from domain.money import Money, is_known_currency
+from domain.money import INT64_MAX, Money, is_known_currency
 from domain.payments import (NAMESPACE, checkout_event, create_charge_session,
                              provider_amount, provider_event, reconcile_payment_session)
 from domain.provenance import CommandContext
@@ -37,14 +37,14 @@ REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed",
 
 class CreateChargeSessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    amount_minor: int = Field(ge=1)
+    amount_minor: int = Field(ge=1, le=INT64_MAX)
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
 
 
 class AdminReconcilePaymentSessionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     action: Literal["post_credit", "mark_expired", "mark_failed"]
-    amount_minor: int | None = Field(default=None, ge=1)
+    amount_minor: int | None = Field(default=None, ge=1, le=INT64_MAX)
     reason: str = Field(min_length=3)
     failure_reason: str | None = None
 

@@ -17,7 +17,7 @@ from api import idempotency
 from api.auth import Principal, admin
 from api.commands import context, renderer, run
 from api.errors import ApiError
-from domain.money import Money, is_known_currency
+from domain.money import INT64_MAX, Money, is_known_currency
 from domain.refunds import NAMESPACE, create_refund
 
 router = APIRouter()
@@ -27,7 +27,7 @@ OPERATION = "adminCreateRefund"
 
 class AdminCreateRefundRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    amount_minor: int = Field(ge=1)
+    amount_minor: int = Field(ge=1, le=INT64_MAX)
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     reason: str = Field(min_length=3)
     payment_reference: str | None = None

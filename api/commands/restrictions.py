@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api import idempotency
 from api.auth import Principal, admin
 from api.commands import context, renderer, run
+from api.fields import JsonObject
 from domain.restrictions import set_financial_restriction
 
 router = APIRouter()
@@ -21,7 +22,7 @@ class SetFinancialRestrictionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     state: Literal["healthy", "at_risk", "restricted", "suspended", "collections_hold"]
     reason: str = Field(min_length=1)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
 
 
 @router.post("/api/v1/admin/billing/financial-restrictions/{scope_type}/{scope_id}",

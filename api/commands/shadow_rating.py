@@ -6,7 +6,7 @@ the answer is never behind the ledger) and appends nothing, so it takes no
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request
@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Principal, admin
 from api.errors import ApiError
-from domain.money import Money, is_known_currency
+from api.fields import JsonObject
+from domain.money import INT64_MAX, Money, is_known_currency
 from domain.usage_views import shadow_rate
 
 router = APIRouter()
@@ -23,7 +24,7 @@ router = APIRouter()
 
 class MoneyBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    amount_minor: int = Field(ge=0)
+    amount_minor: int = Field(ge=0, le=INT64_MAX)
     currency: str = Field(pattern=r"^[A-Z]{3}$")
 
 
@@ -36,7 +37,7 @@ class BillingShadowRatingRequest(BaseModel):
     pricing_source: str = Field(default="shadow_rating", min_length=1)
     pricing_plan_id: UUID | None = Field(default=None, strict=False)
     pricing_plan_version: str | None = None
-    pricing_snapshot: dict[str, Any] | None = None
+    pricing_snapshot: JsonObject | None = None
 
 
 @router.post("/api/v1/admin/billing/shadow-rating", operation_id="adminDryRunShadowRating")

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.auth import Principal, requires
 from api.errors import ApiError
+from api.fields import Instant
 from api.pagination import encode_cursor, page_request, pagination_block, resume_sorted
 from api.queries import cached_query
 from api.queries.finance import TimeRange, csv_response, csv_text, cursor_value, time_window
@@ -41,8 +42,8 @@ def admin_list_payment_sessions(
         request: Request, principal: Principal = Depends(OPS_READ),
         cursor: str | None = None, page_size: int | None = Query(default=None),
         user_id: UUID | None = None, status: Status | None = None,
-        from_: datetime | None = Query(default=None, alias="from"),
-        to: datetime | None = None) -> JSONResponse:
+        from_: Instant | None = Query(default=None, alias="from"),
+        to: Instant | None = None) -> JSONResponse:
     if from_ and to and from_ > to:
         raise ApiError(400, "invalid_request", "from must not be after to", reason="range_inverted")
     filters = {"user_id": user_id, "status": status, "from": from_, "to": to}
@@ -85,7 +86,7 @@ def list_v3_payment_sessions(
         cursor: str | None = None, page_size: int | None = Query(default=None),
         user_id: UUID | None = None, status: Status | None = None,
         correlation_id: str | None = None, time_range: TimeRange | None = None,
-        from_: datetime | None = Query(default=None, alias="from"), to: datetime | None = None,
+        from_: Instant | None = Query(default=None, alias="from"), to: Instant | None = None,
         sort: Sort = "id_asc", format: Literal["json", "csv"] = "json") -> Response:
     """``adminListPaymentSessions`` with every ``sort`` (keyset, ``id`` tie-break; a
     session never credited sorts as ``credited_amount`` -1), a ``time_range`` on

@@ -16,6 +16,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from api import idempotency
 from api.auth import Principal, authenticate, project_scope
 from api.launch_request import V3ComputeLaunchPrecheckRequest
 from api.queries import cached_query
@@ -90,7 +91,7 @@ def precheck(cur: Any, body: V3ComputeLaunchPrecheckRequest, principal: Principa
         primary, rows = account_balances(cur, SCHEMA, principal.user_id)
         primary = primary or default_currency
         balance = dict(rows).get(primary, 0)
-        if balance <= 0:  # the admission rule (domain.admission._financial_gate)
+        if balance <= 0:  # the admission rule (domain.admission.financial_gate)
             checks.append(check("billing", "Billing", "blocker",
                                 f"Your {primary} balance is {balance} minor units; launches need"
                                 " a positive balance.", "add_funds", "Add funds", "/billing"))
@@ -112,6 +113,7 @@ def precheck(cur: Any, body: V3ComputeLaunchPrecheckRequest, principal: Principa
 def precheck_v3_compute_launch(body: V3ComputeLaunchPrecheckRequest, request: Request,
                                principal: Principal = Depends(authenticate)) -> JSONResponse:
     project = project_scope(request, principal)
+    idempotency.checked_key(request)  # declared by the contract; a read replays nothing
     return with_meta_cache(cached_query(
         request, principal, operation_id="precheckV3ComputeLaunch", projection=("inventory", "restrictions", "billing_ledger"),
         query={"project": str(project), **body.model_dump(mode="json")},

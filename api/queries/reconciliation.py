@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.auth import Principal, requires
 from api.errors import ApiError
+from api.fields import Instant
 from api.pagination import encode_cursor, page_request, pagination_block, resume_sorted
 from api.queries import cached_query
 from api.queries.finance import (BASE, COMPAT, TimeRange, csv_response, csv_text, cursor_value,
@@ -56,7 +57,7 @@ def list_v3_platform_finance_reconciliation(
         format: Literal["json", "csv"] = "json",
         status: list[RunStatus] | None = Query(default=None),
         time_range: TimeRange | None = None,
-        from_: datetime | None = Query(default=None, alias="from"), to: datetime | None = None,
+        from_: Instant | None = Query(default=None, alias="from"), to: Instant | None = None,
         sort: Sort = "created_at_desc", search: str | None = Query(default=None, max_length=120),
         correlation_id: str | None = None) -> Response:
     since, until = time_window(time_range, from_, to)

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.auth import Principal, authenticate, requires
 from api.errors import ApiError
+from api.fields import Instant
 from api.pagination import encode_cursor, page_request, pagination_block, resume_sorted
 from api.queries import CACHE_HEADER, cached_query
 from domain.refunds import refund_json
@@ -66,8 +67,8 @@ def list_v3_user_refunds(user_id: UUID, request: Request,
                          cursor: str | None = None, page_size: int | None = Query(default=None),
                          status: Status | None = None, correlation_id: str | None = None,
                          time_range: TimeRange | None = None,
-                         from_: datetime | None = Query(default=None, alias="from"),
-                         to: datetime | None = None, sort: Sort = "id_asc",
+                         from_: Instant | None = Query(default=None, alias="from"),
+                         to: Instant | None = None, sort: Sort = "id_asc",
                          format: Literal["json", "csv"] = "json") -> Response:
     if time_range in RANGES and (from_ or to):
         raise ApiError(400, "invalid_request", "from and to go with time_range=custom only",

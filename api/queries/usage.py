@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from api.auth import Principal, authenticate
 from api.consistency import current_position, requested_position, wait_for
 from api.errors import ApiError
+from api.fields import Instant
 from api.pagination import encode_cursor, page_request, pagination_block
 from api.queries import cached_query, read_model_errors
 from domain.usage_views import rated_line_json, usage_record_json
@@ -58,7 +59,7 @@ def list_billing_usage(
         cursor: str | None = None, page_size: int | None = Query(default=None),
         allocation_id: UUID | None = None, app_instance_id: UUID | None = None,
         usage_source: Source | None = None,
-        from_: datetime | None = Query(default=None, alias="from"), to: datetime | None = None,
+        from_: Instant | None = Query(default=None, alias="from"), to: Instant | None = None,
         sort: Sort = "start_time_desc") -> JSONResponse:
     filters = _filters(principal, allocation_id, app_instance_id, usage_source, from_, to)
     secret = request.app.state.settings.jwt_secret
@@ -119,7 +120,7 @@ def export_billing_usage_csv(
         request: Request, principal: Principal = Depends(authenticate),
         allocation_id: UUID | None = None, app_instance_id: UUID | None = None,
         usage_source: Source | None = None,
-        from_: datetime | None = Query(default=None, alias="from"), to: datetime | None = None,
+        from_: Instant | None = Query(default=None, alias="from"), to: Instant | None = None,
         sort: Sort = "start_time_desc") -> StreamingResponse:
     filters = _filters(principal, allocation_id, app_instance_id, usage_source, from_, to)
     stores, settings = request.app.state.stores, request.app.state.settings
