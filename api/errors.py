@@ -20,7 +20,7 @@ from domain.errors import DomainError
 log = logging.getLogger("ledgercore.api")
 
 #: HTTP status for each kind of domain refusal (api-conventions §5.3, billing §6)
-KIND_STATUS = {"invalid": 400, "conflict": 409, "not_found": 404}
+KIND_STATUS = {"invalid": 400, "conflict": 409, "not_found": 404, "forbidden": 403}
 
 
 class ApiError(Exception):

@@ -11,3 +11,4 @@ from domain import (allocations, billing, disputes, idempotency, inventory, paym
                     refunds, restrictions, skus, usage)  # (importing them registers their stable topics)
 from domain import reconciliation  # noqa: F401,E402
 from domain import budgets, invoices  # noqa: F401,E402
+from domain import app_instances, apps  # noqa: F401,E402

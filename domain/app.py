@@ -36,6 +36,7 @@ from eventsourcing.persistence import IntegrityError
 from eventsourcing.postgres import PostgresDatastore
 from psycopg.sql import SQL, Identifier
 
+from domain.app_instances import AppInstance
 from domain.billing import BillingAccount, account_id_for
 from domain.inventory import NodeInventory
 from domain.invoices import Invoice
@@ -53,7 +54,8 @@ _STOP = object()
 
 class Ledgercore(Application[UUID]):
     name = "ledgercore"
-    snapshotting_intervals = {BillingAccount: 200, Invoice: 200, NodeInventory: 200}
+    snapshotting_intervals = {BillingAccount: 200, Invoice: 200, NodeInventory: 200,
+                              AppInstance: 200}
 
     def __init__(self, env: dict[str, str] | None = None, default_currency: str = "USD") -> None:
         super().__init__(env)

@@ -8,7 +8,7 @@ from typing import Any
 
 class DomainError(Exception):
     code = "invalid_request"
-    #: invalid | conflict | not_found: what kind of refusal (the API picks the status)
+    #: invalid | conflict | not_found | forbidden: what kind of refusal (the API picks the status)
     kind = "invalid"
     #: a final outcome that an idempotency record may store and replay
     final = True
