@@ -12,9 +12,12 @@ from fastapi.routing import APIRoute
 from api import errors
 from api.cache import ReadCache
 from api.commands import allocations
+from api.commands import app_instances as app_instance_commands
+from api.commands import apps as app_commands
 from api.commands import billing as billing_commands
 from api.commands import inventory as inventory_commands
 from api.commands import node_tasks
+from api.commands import ops as ops_commands
 from api.commands import payments as payment_commands
 from api.commands import reconciliation as reconciliation_commands
 from api.commands import refunds as refund_commands
@@ -23,6 +26,9 @@ from api.commands import shadow_rating
 from api.contract import served_document
 from api.middleware import RequestContext
 from api.queries import allocations as allocation_queries
+from api.queries import app_instances as app_instance_queries
+from api.queries import apps as app_queries
+from api.queries import audit_logs
 from api.queries import billing as billing_queries
 from api.queries import billing_account, budgets, invoices
 from api.queries import diagnostics as diagnostics_queries
@@ -30,6 +36,7 @@ from api.queries import disputes as dispute_queries
 from api.queries import finance as finance_queries
 from api.queries import health
 from api.queries import inventory as inventory_queries
+from api.queries import ops as ops_queries
 from api.queries import payments as payment_queries
 from api.queries import posture, precheck
 from api.queries import reconciliation as reconciliation_queries
@@ -49,7 +56,10 @@ ROUTERS = (health.router, billing_commands.router, billing_queries.router,
            refund_commands.router, refund_queries.router, dispute_queries.router,
            reconciliation_commands.router, reconciliation_queries.router,
            finance_queries.router, diagnostics_queries.router,
-           invoices.router, budgets.router, billing_account.router, workload_queries.router)
+           invoices.router, budgets.router, billing_account.router, workload_queries.router,
+           app_commands.router, app_queries.router,
+           app_instance_commands.router, app_instance_queries.router,
+           ops_commands.router, ops_queries.router, audit_logs.router)
 
 
 def implemented_routes() -> dict[str, tuple[str, str]]:
