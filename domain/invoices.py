@@ -44,6 +44,8 @@ CLOSE_LIMIT = 500
 #: the org of usage that names none (the contract's ``org_id`` is a required uuid)
 NO_ORG = UUID(int=0)
 TAX_TREATMENT = "not_configured"
+#: the statuses that still expect a payment (and so may take one, or be written off)
+OPEN = ("issued", "due", "partially_paid")
 LINES_DIGEST_TAG = "ledgercore.invoice_lines.v1"
 _PERIOD = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")
 
@@ -192,6 +194,27 @@ class Invoice(Aggregate):
         def apply(self, invoice: Invoice) -> None:
             invoice.applied_minor, invoice.status = self.applied_minor, self.status
 
+    class BecameDue(Aggregate.Event):
+        """issued → due: its ``due_at`` has passed with nothing paid."""
+
+        TOPIC = "ledgercore.InvoiceBecameDue"
+        provenance: dict[str, Any]
+
+        def apply(self, invoice: Invoice) -> None:
+            invoice.status = "due"
+
+    class WrittenOff(Aggregate.Event):
+        """What was left to pay will not be collected (evidence only, like a payment:
+        the usage was charged to the ledger when it was rated)."""
+
+        TOPIC = "ledgercore.InvoiceWrittenOff"
+        reason: str
+        outstanding_minor: int
+        provenance: dict[str, Any]
+
+        def apply(self, invoice: Invoice) -> None:
+            invoice.status = "write_off"
+
     class Voided(Aggregate.Event):
         TOPIC = "ledgercore.InvoiceVoided"
         reason: str
@@ -236,15 +259,17 @@ class Invoice(Aggregate):
         assert self.status == "draft", "lines are only added to a draft"
         self.trigger_event(self.LineAdded, line=line, provenance=provenance, timestamp=at)
 
-    def finalize(self, provenance: dict[str, Any], at: datetime) -> None:
+    def finalize(self, provenance: dict[str, Any], at: datetime,
+                 due_at: datetime | None = None) -> None:
         if self.status != "draft":
             raise _refusal("conflict", "only a draft invoice can be finalized",
                            "invoice_not_draft", self)
         self.trigger_event(self.Finalized, total_minor=self.total_minor, tax_total_minor=0,
                            tax_treatment=TAX_TREATMENT, tax_snapshot=tax_snapshot(),
                            line_count=len(self.lines), lines_digest=lines_digest(self.lines),
-                           finalized_at=at, issued_at=at, due_at=None, provenance=provenance,
-                           timestamp=at)
+                           finalized_at=at, issued_at=at,
+                           due_at=due_at if self.total_minor else None,
+                           provenance=provenance, timestamp=at)
         if self.total_minor == 0:  # nothing is owed: settled at once
             self.trigger_event(self.PaymentApplied, amount_minor=0, applied_minor=0,
                                status="paid", reference="nothing_due", provenance=provenance,
@@ -252,7 +277,7 @@ class Invoice(Aggregate):
 
     def pay(self, amount_minor: int, reference: str, provenance: dict[str, Any],
             at: datetime) -> None:
-        if self.status not in ("issued", "partially_paid"):
+        if self.status not in OPEN:
             raise _refusal("conflict", f"a {self.status} invoice takes no payment",
                            "invoice_not_payable", self)
         if type(amount_minor) is not int or amount_minor < 1:
@@ -267,13 +292,29 @@ class Invoice(Aggregate):
                            status="paid" if applied == self.total_minor else "partially_paid",
                            reference=reference, provenance=provenance, timestamp=at)
 
+    def fall_due(self, provenance: dict[str, Any], at: datetime) -> bool:
+        """issued → due once ``due_at`` has passed; False if it does not apply (yet)."""
+        if self.status != "issued" or self.due_at is None or at < self.due_at:
+            return False
+        self.trigger_event(self.BecameDue, provenance=provenance, timestamp=at)
+        return True
+
+    def write_off(self, reason: str, provenance: dict[str, Any], at: datetime) -> None:
+        if self.status not in OPEN:
+            raise _refusal("conflict", f"a {self.status} invoice cannot be written off",
+                           "invoice_not_writable_off", self)
+        self.trigger_event(self.WrittenOff, reason=reason,
+                           outstanding_minor=self.total_minor - self.applied_minor,
+                           provenance=provenance, timestamp=at)
+
     def as_row(self) -> dict[str, Any]:
         """The invoice as the command answers it (ids and amounts, no lines)."""
         return {"invoice_id": str(self.id), "owner_user_id": str(self.owner_user_id),
                 "org_id": str(self.org_id), "period": self.period, "revision": self.revision,
                 "status": self.status, "total": {"amount_minor": self.total_minor,
                                                  "currency": self.currency},
-                "applied_minor": self.applied_minor, "line_count": len(self.lines)}
+                "applied_minor": self.applied_minor, "line_count": len(self.lines),
+                "due_at": None if self.due_at is None else _iso(self.due_at)}
 
 
 class InvoicePeriodIndex(Aggregate):
@@ -304,6 +345,26 @@ class InvoicePeriodIndex(Aggregate):
         def apply(self, index: InvoicePeriodIndex) -> None:
             index.drafts.pop(self.invoice_id, None)
 
+    class AwaitingDue(Aggregate.Event):
+        """An issued invoice with a ``due_at``, to be looked at by ``mark_invoices_due``."""
+
+        TOPIC = "ledgercore.InvoiceAwaitingDue"
+        invoice_id: str
+        provenance: dict[str, Any]
+
+        def apply(self, index: InvoicePeriodIndex) -> None:
+            index.awaiting_due[self.invoice_id] = True
+
+    class DueSettled(Aggregate.Event):
+        """The invoice fell due, or was paid, voided or written off first."""
+
+        TOPIC = "ledgercore.InvoiceDueSettled"
+        invoice_id: str
+        provenance: dict[str, Any]
+
+        def apply(self, index: InvoicePeriodIndex) -> None:
+            index.awaiting_due.pop(self.invoice_id, None)
+
     class Closed(Aggregate.Event):
         TOPIC = "ledgercore.InvoicePeriodClosed"
         provenance: dict[str, Any]
@@ -315,6 +376,8 @@ class InvoicePeriodIndex(Aggregate):
         self.period, self.shard = period, shard
         self.drafts: dict[str, bool] = {}
         self.closed = False
+        #: issued invoices whose due date has still to pass
+        self.awaiting_due: dict[str, bool] = {}
 
 
 def _refusal(kind: str, message: str, reason: str, invoice: Invoice | None,
@@ -409,13 +472,17 @@ def invoice_line(session: Session, ctx: CommandContext, record: Any, line: Any) 
 
 # ---- commands ------------------------------------------------------------------------
 def close_invoice_period(ctx: CommandContext, *, period: str, limit: int = CLOSE_LIMIT,
-                         render: Render) -> Command:
+                         due_days: int | None = None, render: Render) -> Command:
     """Finalize the month's drafts (at most ``limit``; ``more`` says run it again). A
     month can only be closed once it has ended. Lines rated later for it roll forward
-    onto the next draft; a re-issued (voided) revision is finalized by the next run."""
+    onto the next draft; a re-issued (voided) revision is finalized by the next run.
+    With ``due_days`` each invoice that owes something is due that many days after
+    its issue (``mark_invoices_due`` moves it to ``due`` then); without, it has no due date."""
     month = Period.parse(period)
     if not 1 <= limit <= 10 * CLOSE_LIMIT:
         raise ValueError("limit out of range")
+    if due_days is not None and not 0 <= due_days <= 366:
+        raise ValueError("due_days out of range")
 
     def decide(ctx: CommandContext, session: Session) -> tuple[list[Any], dict[str, Any]]:
         if ctx.now < month.end:
@@ -438,9 +505,14 @@ def close_invoice_period(ctx: CommandContext, *, period: str, limit: int = CLOSE
                     break
                 invoice = session.get(UUID(invoice_id))
                 if invoice.status == "draft":
-                    invoice.finalize(ctx.provenance(), ctx.now)
+                    invoice.finalize(ctx.provenance(), ctx.now, due_at=None if due_days is None
+                                     else ctx.now + timedelta(days=due_days))
                     changed[invoice.id] = invoice
                     finalized.append(invoice.as_row())
+                    if invoice.status == "issued" and invoice.due_at is not None:
+                        index.trigger_event(InvoicePeriodIndex.AwaitingDue,
+                                            invoice_id=invoice_id, provenance=ctx.provenance(),
+                                            timestamp=ctx.now)
                 index.trigger_event(InvoicePeriodIndex.Removed, invoice_id=invoice_id,
                                     provenance=ctx.provenance(), timestamp=ctx.now)
                 changed[index.id] = index
@@ -451,6 +523,61 @@ def close_invoice_period(ctx: CommandContext, *, period: str, limit: int = CLOSE
 
     reads = tuple(index_id_for(month.key, s) for s in range(SHARDS))
     return Command(ctx, decide, render, reads=reads)
+
+
+def mark_invoices_due(ctx: CommandContext, *, period: str, limit: int = CLOSE_LIMIT,
+                      render: Render) -> Command:
+    """The month's clock tick: every issued invoice whose ``due_at`` has passed becomes
+    ``due`` (at most ``limit`` looked at; ``more`` says run it again). An invoice paid,
+    voided or written off before its due date leaves the watch list without a change."""
+    month = Period.parse(period)
+    if not 1 <= limit <= 10 * CLOSE_LIMIT:
+        raise ValueError("limit out of range")
+
+    def decide(ctx: CommandContext, session: Session) -> tuple[list[Any], dict[str, Any]]:
+        changed: dict[UUID, Any] = {}
+        became_due: list[dict[str, Any]] = []
+        looked, more = 0, False
+        for shard in range(SHARDS):
+            index = session.get(index_id_for(month.key, shard))
+            if index is None:
+                continue
+            for invoice_id in list(index.awaiting_due):
+                if looked == limit:
+                    more = True
+                    break
+                looked += 1
+                invoice = session.get(UUID(invoice_id))
+                if invoice.status == "issued" and not invoice.fall_due(ctx.provenance(),
+                                                                      ctx.now):
+                    continue  # not yet
+                if invoice.status == "due" and invoice.id not in changed:
+                    changed[invoice.id] = invoice
+                    became_due.append(invoice.as_row())
+                index.trigger_event(InvoicePeriodIndex.DueSettled, invoice_id=invoice_id,
+                                    provenance=ctx.provenance(), timestamp=ctx.now)
+                changed[index.id] = index
+            if more:
+                break
+        return list(changed.values()), {"period": month.key, "became_due": became_due,
+                                        "more": more}
+
+    reads = tuple(index_id_for(month.key, s) for s in range(SHARDS))
+    return Command(ctx, decide, render, reads=reads)
+
+
+def write_off_invoice(ctx: CommandContext, *, invoice_id: UUID, reason: str,
+                      render: Render) -> Command:
+    """Record that what is left to pay on an open invoice will not be collected."""
+    if not reason:
+        raise ValueError("a write-off names its reason")
+
+    def decide(ctx: CommandContext, session: Session) -> tuple[list[Any], dict[str, Any]]:
+        invoice = _load(session, invoice_id)
+        invoice.write_off(reason, ctx.provenance(), ctx.now)
+        return [invoice], invoice.as_row()
+
+    return Command(ctx, decide, render)
 
 
 def _load(session: Session, invoice_id: UUID) -> Invoice:
@@ -486,7 +613,7 @@ def void_invoice(ctx: CommandContext, *, invoice_id: UUID, reason: str,
 
     def decide(ctx: CommandContext, session: Session) -> tuple[list[Any], dict[str, Any]]:
         invoice = _load(session, invoice_id)
-        if invoice.status != "issued":
+        if invoice.status not in ("issued", "due"):
             raise _refusal("conflict", f"a {invoice.status} invoice cannot be voided",
                            "invoice_not_voidable", invoice)
         period = Period.parse(invoice.period)

@@ -95,6 +95,10 @@ class Invoices:
         elif isinstance(event, Invoice.PaymentApplied):
             self._update(cur, s, event, notification_id, status=event.status,
                          applied_minor=event.applied_minor)
+        elif isinstance(event, Invoice.BecameDue):
+            self._update(cur, s, event, notification_id, status="due")
+        elif isinstance(event, Invoice.WrittenOff):
+            self._update(cur, s, event, notification_id, status="write_off")
         elif isinstance(event, Invoice.Voided):
             self._update(cur, s, event, notification_id, status="void",
                          voided_at=event.voided_at, replaced_by=event.replaced_by)

@@ -174,26 +174,45 @@ def sort_value(row: dict[str, Any], sort: str) -> Any:
     return row[SORTS[sort][0]]
 
 
+#: A rated line with the invoice it is on now: the line of the newest invoice revision
+#: that is not void (``invoices`` read model, same schema). A void re-issues its lines
+#: on a new revision, so the link is joined at read time rather than frozen into
+#: ``rated_usage_lines`` (whose own ``invoice_id``/``invoice_line_id`` columns stay null).
+LINES_WITH_INVOICE = (
+    "SELECT l.*, inv.id AS linked_invoice_line_id, inv.invoice_id AS linked_invoice_id"
+    " FROM {0}.rated_usage_lines l LEFT JOIN LATERAL ("
+    " SELECT il.id, il.invoice_id FROM {0}.invoice_lines il"
+    " JOIN {0}.invoices i ON i.id = il.invoice_id"
+    " WHERE il.rated_usage_line_id = l.id AND i.status <> 'void'"
+    " ORDER BY i.revision DESC LIMIT 1) inv ON true")
+
+
+def _linked(row: Any) -> dict[str, Any]:
+    found = dict(row)
+    found["invoice_line_id"] = found.pop("linked_invoice_line_id")
+    found["invoice_id"] = found.pop("linked_invoice_id")
+    return found
+
+
 def list_lines(cur: Cursor[Any], schema: str, *, owner: UUID, usage_record_id: UUID | None,
                after: tuple[datetime, UUID] | None, limit: int) -> list[dict[str, Any]]:
     """The owner's rated lines, newest slice first (``bill_from`` then id, descending)."""
-    clauses, params = [SQL("requested_by_user_id = %s")], [owner]
+    clauses, params = [SQL("l.requested_by_user_id = %s")], [owner]
     if usage_record_id is not None:
-        clauses.append(SQL("usage_record_id = %s"))
+        clauses.append(SQL("l.usage_record_id = %s"))
         params.append(usage_record_id)
     if after is not None:
-        clauses.append(SQL("(bill_from, id) < (%s, %s)"))
+        clauses.append(SQL("(l.bill_from, l.id) < (%s, %s)"))
         params += list(after)
-    cur.execute(SQL("SELECT * FROM {0}.rated_usage_lines WHERE {1}"
-                    " ORDER BY bill_from DESC, id DESC LIMIT %s").format(
+    cur.execute(SQL(LINES_WITH_INVOICE + " WHERE {1} ORDER BY l.bill_from DESC, l.id DESC"
+                    " LIMIT %s").format(
         Identifier(schema), SQL(" AND ").join(clauses)), (*params, limit))
-    return [dict(row) for row in cur.fetchall()]
+    return [_linked(row) for row in cur.fetchall()]
 
 
 def get_line(cur: Cursor[Any], schema: str, *, owner: UUID, line_id: UUID) -> dict[str, Any] | None:
     """The line if it exists and the owner's ledger was charged for it."""
-    cur.execute(SQL("SELECT * FROM {0}.rated_usage_lines WHERE id = %s"
-                    " AND requested_by_user_id = %s").format(Identifier(schema)),
-                (line_id, owner))
+    cur.execute(SQL(LINES_WITH_INVOICE + " WHERE l.id = %s AND l.requested_by_user_id = %s")
+                .format(Identifier(schema)), (line_id, owner))
     row = cur.fetchone()
-    return None if row is None else dict(row)
+    return None if row is None else _linked(row)

@@ -172,7 +172,7 @@ def list_billing_rated_usage(
                 "pagination": pagination_block(next_cursor, page.page_size)}
 
     return cached_query(request, principal, operation_id="listBillingRatedUsage",
-                        projection="usage",
+                        projection=("usage", "invoices"),
                         query={"usage_record_id": str(usage_record_id), "cursor": cursor,
                                "page_size": page.page_size}, compute=compute)
 
@@ -189,5 +189,5 @@ def get_billing_rated_usage(rated_usage_line_id: UUID, request: Request,
         return rated_line_json(found)
 
     return cached_query(request, principal, operation_id="getBillingRatedUsage",
-                        projection="usage", query={"id": str(rated_usage_line_id)},
+                        projection=("usage", "invoices"), query={"id": str(rated_usage_line_id)},
                         compute=compute)

@@ -3,8 +3,8 @@ Postgres, checked against the contract (with the three unsatisfiable schemas rep
 as docs/decisions.md records, and the raw contract's complaints pinned to exactly those
 defects). Usage is seeded with the domain commands on the server's own stores, invoices
 at chosen past moments (``now``), budgets around the real clock; reads wait with
-``X-Ledger-Position``. The operator CLI (``invoices close|pay|void``, ``budgets set``)
-runs in-process against the same database."""
+``X-Ledger-Position``. The operator CLI (``invoices close|mark-due|pay|write-off|void``,
+``budgets set``) runs in-process against the same database."""
 
 from __future__ import annotations
 
@@ -288,6 +288,17 @@ def test_invoice_detail_lines_and_scope(env: Env, invoiced: Invoiced, tokens: An
                 got = env.get(http, token, INVOICE, invoice_id=item["id"]).json()
                 on_invoices += [l["rated_usage_line_id"] for l in got["lines"]]
         assert sorted(on_invoices) == sorted(rated) and len(rated) == 5
+
+        # each rated line links back to the invoice line that carries it
+        links = {}
+        for item in env.get(http, token, INVOICES).json()["items"]:
+            for l in env.get(http, token, INVOICE, invoice_id=item["id"]).json()["lines"]:
+                links[l["rated_usage_line_id"]] = (item["id"], l["id"])
+        for name in ("A", "B", "C", "D", "E"):
+            got = env.get(http, token, RATED + "/" + str(lines[name]["id"]))
+            check("GET", RATED + "/{rated_usage_line_id}", got)
+            assert (got.json()["invoice_id"], got.json()["invoice_line_id"]) \
+                == links[str(lines[name]["id"])], name
 
         theirs = env.get(http, token, INVOICE, invoice_id=s.invoice(s.v, "2025-10"))
         assert theirs.status_code == 404
@@ -605,6 +616,18 @@ def cli_scenario(env: Env, tokens: Any, tmp_path: Any, monkeypatch: Any, secret:
     assert refused.exit_code == 1
     assert json.loads(refused.stdout)["error"]["details"]["reason"] == "invoice_not_voidable"
 
+    # payment terms of zero days: due at once, then written off
+    earlier = Period.of(last.start - timedelta(days=1))
+    debtor = uuid.uuid4()
+    meter(env, sku(env, 360), debtor, tenant, 1, earlier.end - H, earlier.end - H)
+    [owed] = cli_json("invoices", "close", "--period", earlier.key, "--due-days", "0")["finalized"]
+    assert owed["due_at"] is not None and owed["status"] == "issued"
+    assert [i["invoice_id"] for i in cli_json("invoices", "mark-due", "--period",
+                                              earlier.key)["became_due"]] == [owed["invoice_id"]]
+    written = cli_json("invoices", "write-off", "--invoice", owed["invoice_id"],
+                       "--reason", "uncollectable")
+    assert written["ok"]["status"] == "write_off"
+
     set_ = cli_json("budgets", "set", "--tenant", str(tenant), "--name", "ops",
                     "--amount-minor", "1000", "--threshold", "75", "--mode", "block_launch")
     assert set_["ok"]["scope_type"] == "tenant" and set_["ok"]["amount"]["amount_minor"] == 1000
@@ -617,3 +640,99 @@ def cli_scenario(env: Env, tokens: Any, tmp_path: Any, monkeypatch: Any, secret:
         assert (invoice["id"], invoice["status"]) == (mine["invoice_id"], "paid")
         [budget] = env.get(http, token, POSTURE).json()["items"]
         assert (budget["name"], budget["threshold_percent"]) == ("ops", 75)
+
+
+def test_rated_line_follows_its_invoice_through_a_void(env: Env, invoiced: Invoiced,
+                                                       tokens: Any) -> None:
+    """V's October invoice was voided and its line re-issued on revision 1: the rated
+    line now points at revision 1, never at the void invoice."""
+    s = invoiced
+    token = tokens.user(s.v)
+    with client(env.url) as http:
+        listed = env.get(http, token, RATED)
+        check("GET", RATED, listed)
+        [line] = listed.json()["items"]
+        assert line["id"] == str(s.lines["V"]["id"])
+        assert line["invoice_id"] == s.invoice(s.v, "2025-10", revision=1)
+        detail = env.get(http, token, INVOICE, invoice_id=line["invoice_id"]).json()
+        assert detail["status"] == "draft"
+        assert [l["id"] for l in detail["lines"]] == [line["invoice_line_id"]]
+        void = env.get(http, token, INVOICE, invoice_id=s.invoice(s.v, "2025-10")).json()
+        assert void["status"] == "void"
+        assert line["invoice_line_id"] not in [l["id"] for l in void["lines"]]
+
+
+def refused(env: Env, factory: Any, now: datetime, **kwargs: Any) -> dict[str, Any]:
+    ctx = CommandContext(actor_id=str(uuid.uuid4()), actor_type="system", source="system",
+                         now=now)
+    outcome = env.stores.app.execute(factory(ctx, render=render, **kwargs))
+    assert outcome.response["status"] != 200 and outcome.position is None, outcome.response
+    return outcome.response["body"]
+
+
+def test_payment_terms_due_and_write_off(env: Env, tokens: Any) -> None:
+    """Closing with payment terms gives each invoice that owes something a ``due_at``;
+    the month's clock tick moves the unpaid ones to ``due`` once it has passed; a due
+    invoice still takes payments and can be written off or voided; a written-off one
+    takes nothing more."""
+    gpu, free = sku(env, 300), sku(env, 0)
+    late, payer, writer, voider, nothing = (uuid.uuid4() for _ in range(5))
+    org = uuid.uuid4()
+    for owner in (late, payer, writer, voider):
+        record = meter(env, gpu, owner, org, 1, at("2025-06-30T22:00"), at("2025-06-30T22:00"))
+        rate(env, record, at("2025-06-30T23:00"), at("2025-06-30T23:00"))           # 300
+    record = meter(env, free, nothing, org, 1, at("2025-06-30T22:00"), at("2025-06-30T22:00"))
+    rate(env, record, at("2025-06-30T23:00"), at("2025-06-30T23:00"))               # 0
+    invoice = {o: invoice_id_for(o, org, "USD", "2025-06", 0)
+               for o in (late, payer, writer, voider, nothing)}
+
+    closed = env.run(invoices.close_invoice_period, now=at("2025-07-01T00:00"),
+                     period="2025-06", due_days=14)
+    due_at = {uuid.UUID(i["invoice_id"]): i["due_at"] for i in closed["finalized"]}
+    assert due_at == {**{invoice[o]: "2025-07-15T00:00:00Z" for o in (late, payer, writer,
+                                                                      voider)},
+                      invoice[nothing]: None}  # nothing owed: paid at once, never due
+    env.run(invoices.apply_invoice_payment, now=at("2025-07-02T00:00"),
+            invoice_id=invoice[payer], amount_minor=300, reference="wire")
+
+    early = env.run(invoices.mark_invoices_due, now=at("2025-07-14T23:59"), period="2025-06")
+    assert early["became_due"] == []
+    tick = env.run(invoices.mark_invoices_due, now=at("2025-07-15T00:00"), period="2025-06")
+    assert sorted(i["invoice_id"] for i in tick["became_due"]) \
+        == sorted(str(invoice[o]) for o in (late, writer, voider))
+    position = env.position
+    again = env.run(invoices.mark_invoices_due, now=at("2025-07-20T00:00"), period="2025-06")
+    assert again["became_due"] == [] and env.position == position  # nothing left to watch
+
+    env.run(invoices.apply_invoice_payment, now=at("2025-07-16T00:00"),
+            invoice_id=invoice[late], amount_minor=100, reference="cheque")
+    written = env.run(invoices.write_off_invoice, now=at("2025-07-17T00:00"),
+                      invoice_id=invoice[writer], reason="uncollectable")
+    assert written["status"] == "write_off"
+    voided = env.run(invoices.void_invoice, now=at("2025-07-17T00:00"),
+                     invoice_id=invoice[voider], reason="wrong customer")
+    assert voided["status"] == "void"
+    for factory, kwargs in ((invoices.apply_invoice_payment,
+                             {"amount_minor": 1, "reference": "late"}),
+                            (invoices.write_off_invoice, {"reason": "twice"}),
+                            (invoices.void_invoice, {"reason": "too late"})):
+        body = refused(env, factory, at("2025-07-18T00:00"), invoice_id=invoice[writer],
+                       **kwargs)
+        assert body["details"]["status"] == "write_off", body
+    body = refused(env, invoices.write_off_invoice, at("2025-07-18T00:00"),
+                   invoice_id=invoice[payer], reason="paid already")
+    assert body["details"]["reason"] == "invoice_not_writable_off"
+
+    want = {late: "partially_paid", payer: "paid", writer: "write_off", voider: "void",
+            nothing: "paid"}
+    with client(env.url) as http:
+        for owner, status in want.items():
+            token = tokens.user(owner)
+            got = env.get(http, token, INVOICE, invoice_id=str(invoice[owner]))
+            assert got.json()["status"] == status, owner
+            filtered = env.get(http, token, INVOICES, status=status)
+            check("GET", INVOICES, filtered)
+            assert str(invoice[owner]) in ids(filtered)
+        assert env.get(http, tokens.user(late), INVOICE,
+                       invoice_id=str(invoice[late])).json()["due_at"] == "2025-07-15T00:00:00Z"
+        assert ids(env.get(http, tokens.user(writer), INVOICES, status="due")) == []
