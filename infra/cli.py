@@ -3,8 +3,8 @@
 Subcommands: ``run`` (the service), ``token`` (mint a bearer token), ``rebuild`` (a read
 model from the event store), ``relay`` and ``project`` (the Kafka transport's
 processes), ``invoices close|pay|void`` and ``budgets set`` (billing operator commands
-the contract has no operation for), and the auditors' ``replay``, ``verify`` and
-``export`` (``infra.audit``).
+the contract has no operation for), ``apps register|add-version`` (the app catalog),
+and the auditors' ``replay``, ``verify`` and ``export`` (``infra.audit``).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def project() -> None:
 
 # ---- billing operator commands: invoices and budgets (no contract operation does these) --
 invoices_cli = typer.Typer(no_args_is_help=True,
-                           help="invoices: close a month, record a payment, void and re-issue")
+                           help="invoices: close a month, mark due, record a payment, write off, void and re-issue")
 budgets_cli = typer.Typer(no_args_is_help=True, help="budget policies of tenants and projects")
 cli.add_typer(invoices_cli, name="invoices")
 cli.add_typer(budgets_cli, name="budgets")
@@ -276,7 +276,10 @@ def _uuid_option(value: str, name: str) -> uuid.UUID:
 def invoices_close(period: str = typer.Option(..., help="the month to close, YYYY-MM (UTC)"),
                    rate: bool = typer.Option(True, "--rate/--no-rate",
                                              help="first rate every open meter up to the "
-                                             "month's end, so its usage is on the invoices")) -> None:
+                                             "month's end, so its usage is on the invoices"),
+                   due_days: int | None = typer.Option(
+                       None, min=0, max=366, help="payment terms: each invoice that owes "
+                       "something is due this many days after its issue")) -> None:
     """Finalize the month's draft invoices (draft → issued; zero totals → paid)."""
     from datetime import datetime, timezone
 
@@ -306,6 +309,7 @@ def invoices_close(period: str = typer.Option(..., help="the month to close, YYY
         finalized: list[Any] = []
         while True:
             answer = stores.app.execute(close_invoice_period(_operator_ctx(), period=month.key,
+                                                             due_days=due_days,
                                                              render=_render)).response
             if "error" in answer:
                 return answer
@@ -327,6 +331,43 @@ def invoices_pay(invoice: str = typer.Option(..., help="the invoice id"),
     _billing_command(lambda stores: stores.app.execute(apply_invoice_payment(
         _operator_ctx(), invoice_id=invoice_id, amount_minor=amount_minor, reference=reference,
         render=_render)).response)
+
+
+@invoices_cli.command("mark-due")
+def invoices_mark_due(period: str = typer.Option(..., help="the invoices' month, YYYY-MM")) -> None:
+    """The month's clock tick: issued invoices whose due date has passed become due."""
+    from domain.errors import DomainError
+    from domain.invoices import Period, mark_invoices_due
+
+    try:
+        month = Period.parse(period)
+    except DomainError as error:
+        console.print(error.message)
+        raise typer.Exit(2) from None
+
+    def build(stores: Any) -> dict[str, Any]:
+        became_due: list[Any] = []
+        while True:
+            answer = stores.app.execute(mark_invoices_due(_operator_ctx(), period=month.key,
+                                                          render=_render)).response
+            if "error" in answer:
+                return answer
+            became_due += answer["ok"]["became_due"]
+            if not answer["ok"]["more"]:
+                return {"period": month.key, "became_due": became_due}
+
+    _billing_command(build)
+
+
+@invoices_cli.command("write-off")
+def invoices_write_off(invoice: str = typer.Option(..., help="the invoice id"),
+                       reason: str = typer.Option(..., help="why it will not be collected")) -> None:
+    """Write off what is left to pay on an issued, due or partly paid invoice."""
+    from domain.invoices import write_off_invoice
+
+    invoice_id = _uuid_option(invoice, "--invoice")
+    _billing_command(lambda stores: stores.app.execute(write_off_invoice(
+        _operator_ctx(), invoice_id=invoice_id, reason=reason, render=_render)).response)
 
 
 @invoices_cli.command("void")
@@ -378,6 +419,75 @@ def budgets_set(tenant: str = typer.Option(..., help="the tenant (org) uuid"),
         project_id=project_id, name=name, period=period, amount=Money(amount_minor, currency),
         threshold_percent=threshold, enforcement_mode=mode, active=active, starts_at=starts,
         ends_at=ends, render=_render)).response)
+
+
+# ---- the app catalog (no contract operation creates apps or versions) ----------------------
+apps_cli = typer.Typer(no_args_is_help=True, help="the app catalog: register apps and versions")
+cli.add_typer(apps_cli, name="apps")
+APP_SLUG = r"^[a-z0-9][a-z0-9-]{1,62}$"
+
+
+@apps_cli.command("register")
+def apps_register(slug: str = typer.Option(..., help="the app's slug, e.g. jupyterlab"),
+                  display_name: str = typer.Option(..., help="the name users see"),
+                  category: str = typer.Option(..., help="model_serving | inference | training"
+                                               " | orchestration | observability | other"),
+                  publisher: str = typer.Option(..., help="who publishes it"),
+                  description: Optional[str] = typer.Option(None),
+                  logo_url: Optional[str] = typer.Option(None, help="an http(s) URL"),
+                  tag: Optional[list[str]] = typer.Option(None, help="a tag (repeatable)")) -> None:
+    """Add an app to the catalog (the same description again is a no-op)."""
+    import re
+
+    from domain.apps import register_app
+
+    if not re.fullmatch(APP_SLUG, slug):
+        console.print(f"--slug must match {APP_SLUG}", markup=False)
+        raise typer.Exit(2)
+    if logo_url is not None and not re.match(r"https?://[^\s/]+", logo_url):
+        console.print("--logo-url must be an http(s) URL")
+        raise typer.Exit(2)
+    _billing_command(lambda stores: stores.app.execute(register_app(
+        _operator_ctx(), slug=slug, display_name=display_name, category=category,
+        publisher=publisher, description=description, logo_url=logo_url, tags=tag or None,
+        render=_render)).response)
+
+
+@apps_cli.command("add-version")
+def apps_add_version(slug: str = typer.Option(..., help="the app's slug"),
+                     version: str = typer.Option(..., help="the version, 1..64 characters"),
+                     runtime_backend: str = typer.Option(..., help="k8s | rke2 | slurm | ray"
+                                                         " | bare_metal"),
+                     manifest: str = typer.Option("{}", help="the manifest: JSON, or @file"),
+                     publish: bool = typer.Option(False, "--publish",
+                                                  help="publish it at once (make it active)")) -> None:
+    """Register a version (unpublished: ``disabled``) and optionally publish it."""
+    import json
+    from pathlib import Path
+
+    from domain.apps import publish_version, register_version
+    from domain.canonical import first_float
+
+    try:
+        text = Path(manifest[1:]).read_text() if manifest.startswith("@") else manifest
+        parsed = json.loads(text)
+    except (OSError, ValueError) as error:
+        console.print(f"--manifest is not readable JSON: {error}")
+        raise typer.Exit(2) from None
+    if not isinstance(parsed, dict) or first_float(parsed) is not None:
+        console.print("--manifest must be a JSON object without floats")
+        raise typer.Exit(2)
+
+    def build(stores: Any) -> dict[str, Any]:
+        answer = stores.app.execute(register_version(
+            _operator_ctx(), slug=slug, version=version, runtime_backend=runtime_backend,
+            manifest=parsed, render=_render)).response
+        if publish and "error" not in answer:
+            answer = stores.app.execute(publish_version(
+                _operator_ctx(), slug=slug, version=version, render=_render)).response
+        return answer
+
+    _billing_command(build)
 
 
 # ---- auditors: replay, verify, export (infra/audit; exit 1 on a discrepancy, 2 on misuse) --
