@@ -14,13 +14,15 @@ billing diagnostics by correlation id and the V3 platform finance views join the
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from psycopg import Cursor
 from psycopg.sql import SQL, Composed, Identifier
+
+from domain.audit_actions import actor_user_id
+from domain.audit_actions import snake as _snake
 
 NAMESPACE = uuid5(NAMESPACE_URL, "https://ledgercore.invalid/finance-audit")
 #: aggregate class name -> the target type its events name
@@ -44,10 +46,6 @@ SESSION_SORTS = {"id": "id", "created_at": "created_at", "initiated_at": "initia
                  "credited_amount": "COALESCE(credited_amount_minor, -1)"}
 
 
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 def _target(event: Any) -> tuple[str, UUID] | None:
     """(target type, target id) when ``event`` is finance evidence, else None."""
     if not isinstance(getattr(event, "provenance", None), dict):
@@ -68,12 +66,7 @@ def audit_row(event: Any, notification_id: int) -> tuple[Any, ...] | None:
     if target is None:
         return None
     provenance = event.provenance
-    actor = None
-    if provenance.get("actor_type") in ("user", "service_account"):
-        try:
-            actor = UUID(str(provenance.get("actor_id")))
-        except ValueError:
-            actor = None
+    actor = actor_user_id(provenance)
     if target[0] == "ledger_entry":
         action = event.entry_type
     else:
