@@ -19,6 +19,7 @@ from uuid import UUID
 from domain.allocation_views import mutation_result
 from domain.allocations import (Allocation, UserAllocationQuota, get_allocation,
                                 quota_id_for)
+from domain.app_instances import app_use_id_for, on_allocation_released
 from domain.commands import Command, Render, Session
 from domain.errors import DomainError
 from domain.inventory import NodeInventory
@@ -53,7 +54,9 @@ def move_lease(session: Session, ctx: CommandContext, allocation: Allocation, to
                reason: str | None = None, details: dict[str, Any] | None = None) -> list[Any]:
     """One lifecycle step and everything that must change with it. A lease reaches
     ``released`` only when its runtime is gone (the release task succeeded, it never
-    had one, or an operator verified it absent), so its slots are returned clean."""
+    had one, or an operator verified it absent), so its slots are returned clean, and
+    every app member bound to it is marked ``failed`` (``health_status=
+    allocation_released``) in the same save."""
     if allocation.status not in STEP_FROM[to]:
         raise refusal("invalid_request", "conflict",
                       f"an allocation cannot go from {allocation.status} to {to}",
@@ -80,6 +83,8 @@ def move_lease(session: Session, ctx: CommandContext, allocation: Allocation, to
             changed.append(quota)
     allocation.trigger_event(Allocation.Moved, to=to, reason=reason, details=details or {},
                              provenance=ctx.provenance(), timestamp=ctx.now)
+    if to == "released":  # app-instances §4.1: the members it served fail with it
+        changed += on_allocation_released(session, ctx, allocation_id)
     return changed
 
 
@@ -142,7 +147,7 @@ def request_release(ctx: CommandContext, *, allocation_id: UUID, project_id: UUI
             allocation.issue_task("release", ctx.now, ctx.correlation_id)
         return _unique(changed), _answer(session, allocation, "release", previous)
 
-    return Command(ctx, decide, render)
+    return Command(ctx, decide, render, reads=(app_use_id_for(allocation_id),))
 
 
 def request_restart(ctx: CommandContext, *, allocation_id: UUID, project_id: UUID | None,
@@ -202,7 +207,7 @@ def force_cleanup(ctx: CommandContext, *, allocation_id: UUID, reason: str,
                           status=previous)
         return _unique(changed), _answer(session, allocation, "release", previous)
 
-    return Command(ctx, decide, render)
+    return Command(ctx, decide, render, reads=(app_use_id_for(allocation_id),))
 
 
 # ---- the node task channel ------------------------------------------------------------------

@@ -9,8 +9,8 @@ functions with the same data. What depends on the clock (actionability, archivin
 runway) takes ``now``; what lives in other read models (usage cost, the owner's
 balance and burn, the node's liveness) is passed in.
 
-A workload row is keyed by its workload id; a compute row's is its allocation id.
-App-backed rows will join with their own ``kind`` and builder.
+A workload row is keyed by its workload id; a compute row's is its allocation id. App
+rows (``domain.app_workload_views``) sit beside them, keyed by the app instance id.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PRIMARY_ACTION = {"active": "connect", "restart_failed": "review", "failed": "re
 #: statuses whose runtime exists on the node, so its connection facts are shown
 CONNECTABLE = ("active", "restarting", "restart_failed")
 #: the ``counts`` buckets of the workload list (§3.4)
-COUNT_BUCKETS = {"active": ("active", "restarting", "restart_failed"),
+COUNT_BUCKETS = {"active": ("active", "idle", "restarting", "restart_failed"),
                  "provisioning": ("requested", "provisioning"), "released": ("released",)}
 #: task kind -> (the step that opens one, what each later step makes it) (§3.5)
 TASK_KINDS = {
@@ -165,17 +165,21 @@ class OwnerFunds:
     burn: dict[str, int]
 
 
-def cost_projection(rate: dict[str, Any], accrued: dict[str, Any] | None,
+def cost_projection(rate: dict[str, Any] | None, accrued: dict[str, Any] | None,
                     funds: OwnerFunds | None, now: datetime) -> dict[str, Any]:
     """``V3WorkloadCostProjection`` (§4): the owner's balance in the rate's currency and
     how long it lasts at the owner's total burn. ``funds`` is None when the caller may
-    not see the owner's balance (another member's workload)."""
+    not see the owner's balance (another member's workload); ``rate`` is None when no
+    rate is known (an app nothing has priced yet)."""
     projection: dict[str, Any] = {"balance": None, "hourly_rate": rate, "accrued_cost": accrued,
                                   "runway_seconds": None, "projected_depletion_at": None}
     if funds is None:
         return {**projection, "basis": "owner_unavailable"}
     if funds.primary is None:
         return {**projection, "basis": "balance_unavailable"}
+    if rate is None:
+        balance = {"amount_minor": funds.balances.get(funds.primary, 0), "currency": funds.primary}
+        return {**projection, "balance": balance, "basis": "rate_unavailable"}
     currency = rate["currency"]
     if currency not in funds.balances and currency != funds.primary:
         balance = {"amount_minor": funds.balances.get(funds.primary, 0),
@@ -275,10 +279,13 @@ def action_reason(state: dict[str, Any]) -> str | None:
 def compute_workload_json(state: dict[str, Any], steps: list[dict[str, Any]], *,
                           now: datetime, usage_cost: dict[str, Any] | None,
                           node: dict[str, Any] | None,
-                          funds: OwnerFunds | None) -> dict[str, Any]:
+                          funds: OwnerFunds | None,
+                          blocking: dict[str, Any] | None = None) -> dict[str, Any]:
     """``V3WorkloadSummary`` of a compute allocation (§3.4). ``usage_cost`` is Σ of its
     usage records' cost (None before any: zero), ``node`` its node's liveness (see
-    ``runtime_readiness``), ``funds`` the owner's account as the caller may see it."""
+    ``runtime_readiness``), ``funds`` the owner's account as the caller may see it,
+    ``blocking`` the live app using the allocation
+    (``domain.app_workload_views.blocking_app_use``)."""
     lease, status, allocation_id = state["lease"], state["status"], state["_id"]
     rate = hourly_rate(state)
     accrued = usage_cost or {"amount_minor": 0, "currency": rate["currency"]}
@@ -302,7 +309,7 @@ def compute_workload_json(state: dict[str, Any], steps: list[dict[str, Any]], *,
         "actionable_until": iso(until) if until else None,
         "archived_at": iso(archive) if archive is not None and archive <= now else None,
         "action_reason": reason, "runtime_readiness": runtime_readiness(status, node),
-        "blocking_app_use": None,
+        "blocking_app_use": blocking,
         "primary_action": PRIMARY_ACTION.get(status, "none"),
         "connection_facts": connection_facts(state),
         "lifecycle_actions": lifecycle_actions(state, steps),

@@ -6,9 +6,11 @@ The project (``X-Project-ID``) is resolved before anything is read or cached and
 part of every cache key and cursor binding. A workload or task of another project is
 404 ``allocation_not_found``, exactly as one that does not exist. Lists are newest
 first (``created_at``, then id); ``counts`` cover the whole project whatever the
-filters. The JSON is built by ``domain.workload_views`` at query time, with the clock
-(actionability, history, runway), the usage cost, the owner's balance and the node's
-liveness read beside the row.
+filters. The JSON is built at query time by ``domain.workload_views`` (compute rows)
+and ``domain.app_workload_views`` (app rows), with the clock (actionability, history,
+runway), the usage cost, the owner's balance, the node's liveness, an app's open meters
+and primary allocation, and the app using a compute row's allocation read beside the
+row.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from api.errors import ApiError
 from api.pagination import encode_cursor, page_request, pagination_block
 from api.queries import cached_query
 from api.queries.inventory import with_meta_cache
+from domain import app_workload_views as apps
 from domain.skus import iso
 from domain.workload_views import (action_band_item, compute_workload_detail,
                                    compute_workload_json)
@@ -95,13 +98,30 @@ def _not_found(**details: str) -> ApiError:
 # ---- workloads --------------------------------------------------------------------------------
 def _workload_json(cur: Any, row: dict[str, Any], viewer: UUID, now: datetime,
                    funds: dict[UUID, Any]) -> dict[str, Any]:
-    """A row's ``V3WorkloadSummary``; the cost projection shows the balance only on the
-    caller's own workloads (``funds`` caches the caller's account per request)."""
-    mine = row["state"]["lease"]["requested_by_user_id"] == str(viewer)
+    """A row's ``V3WorkloadSummary`` (a lease's or an app's); the cost projection shows
+    the balance only on the caller's own workloads (``funds`` caches the caller's
+    account per request)."""
+    mine = row["owner"] == str(viewer)
     if mine and viewer not in funds:
         funds[viewer] = owner_funds(cur, SCHEMA, viewer)
+    visible = funds[viewer] if mine else None
+    if row["kind"] != "compute":
+        return apps.app_workload_json(row["state"], row["steps"], now=now,
+                                      open_rate=row["open_rate"], usage_cost=row["accrued"],
+                                      owner_currency=row["owner_currency"],
+                                      allocation=row["allocation"], funds=visible,
+                                      catalog_kind=row["catalog_kind"],
+                                      catalog_name=row["catalog_name"])
+    blocking = None if row["host"] is None else \
+        apps.blocking_app_use(row["host"], row["state"]["_id"])
     return compute_workload_json(row["state"], row["steps"], now=now, usage_cost=row["accrued"],
-                                 node=row["node"], funds=funds[viewer] if mine else None)
+                                 node=row["node"], funds=visible, blocking=blocking)
+
+
+def _band_item(row: dict[str, Any]) -> dict[str, Any]:
+    if row["kind"] != "compute":
+        return apps.action_band_item(row["state"])
+    return action_band_item(row["state"])
 
 
 @router.get("/api/v1/workloads", operation_id="listV3Workloads")
@@ -124,7 +144,7 @@ def list_v3_workloads(request: Request, principal: Principal = Depends(authentic
 
     def extra(cur: Any, now: datetime) -> dict[str, Any]:
         band = actionable_workloads(cur, SCHEMA, project, now, ACTION_BAND_LIMIT)
-        return {"action_band": [action_band_item(row["state"]) for row in band],
+        return {"action_band": [_band_item(row) for row in band],
                 "counts": workload_counts(cur, SCHEMA, project, now)}
 
     return _paged(request, principal, operation_id="listV3Workloads", projection=PROJECTIONS,
@@ -144,6 +164,9 @@ def get_v3_workload_detail(request: Request,
         if row is None:
             raise _not_found(workload_id=workload_id)
         workload = _workload_json(cur, row, principal.user_id, now, {})
+        if row["kind"] != "compute":
+            return apps.app_workload_detail(row["state"], row["steps"], workload, now,
+                                            row["allocation"])
         return compute_workload_detail(row["state"], row["steps"], workload, now)
 
     return _answer(request, principal, operation_id="getV3WorkloadDetail", projection=PROJECTIONS,
@@ -180,7 +203,8 @@ def get_v3_task_detail(task_id: UUID, request: Request,
         return {"task": task, "timeline": timeline,
                 "context": {"project": task["project_name"],
                             "resource_href": f"/api/v1/workloads/{task['resource_id']}",
-                            "timeline_source": "allocation_timeline"}}
+                            "timeline_source": "allocation_timeline"
+                            if task["resource_kind"] == "allocation" else "synthetic"}}
 
     return _answer(request, principal, operation_id="getV3TaskDetail", projection="workloads",
                    query={"project_id": str(project), "task_id": str(task_id)},
