@@ -1,7 +1,8 @@
 """The JSON of the app catalog as users see it (app-instances §1.2, §1.3, §2 "Catalog",
-§4.3): the V3 catalog card and detail of an app for one project, and the V3 workload
-row of a live app instance. Pure: the ``apps`` read model and its queries call these
-with the state it keeps (``domain.inventory.state_of`` of the aggregates).
+§4.3): the V3 catalog card and detail of an app for one project. Pure: the ``apps``
+read model and its queries call these with the state it keeps
+(``domain.inventory.state_of`` of the aggregates). The V3 workload rows of an app's
+instances are ``domain.app_workload_views``'.
 
 The V3 card reads an optional ``presentation`` object in the manifest of the app's
 latest version (any other manifest key is ignored here):
@@ -24,14 +25,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.app_instances import AppInstance, command_allowed, placement_json
 from domain.apps import DEFAULT_LAUNCH_ROLES, AppCatalogEntry, newest_entitled_version
-from domain.skus import iso
 
 V3_KINDS = ("jupyter", "vllm", "training", "vector_db", "labeling", "tgi", "scheduler",
             "kubernetes", "app")
 #: V3 app kinds that are V3 workload kinds of their own; the rest are ``app`` (§4.3)
-WORKLOAD_KINDS = ("jupyter", "vllm", "training", "scheduler", "kubernetes")
 TONES = ("core42", "project", "community")
 SUPPORT_LEVELS = {"demo_ready": "Demo ready", "preview": "Preview"}
 RUNTIME_LABELS = {"k8s": "Kubernetes", "rke2": "RKE2 (self-managed Kubernetes)",
@@ -44,8 +42,6 @@ V3_STATUS = {"requested": "requested", "deploying": "provisioning", "starting": 
              "restarting": "restarting", "upgrading": "restarting", "rolling_back": "restarting",
              "decommissioning": "releasing", "deleting": "releasing",
              "decommissioned": "released", "deleted": "released"}
-RESTART_PHASES = ("restart", "start", "upgrade", "rollback")
-OPEN_ACTION = {"jupyter": "open_notebook", "vllm": "try_endpoint", "training": "open_training_ui"}
 #: published statuses: what users see of the catalog
 PUBLISHED = ("active", "deprecated")
 
@@ -226,101 +222,5 @@ def v3_examples(app: AppCatalogEntry) -> dict[str, Any]:
 
 
 # ---- an app instance as a V3 workload row ---------------------------------------------------
-def v3_status(instance: AppInstance) -> str:
-    status = instance.status
-    if status == "running":
-        return "idle" if instance.runtime.get("health_status") == "idle" else "active"
-    if status == "failed":
-        if instance.failed_during == "decommission":
-            return "release_failed"
-        return "restart_failed" if instance.failed_during in RESTART_PHASES else "failed"
-    return V3_STATUS[status]
-
-
-def _readiness(instance: AppInstance, status: str) -> dict[str, Any]:
-    def readiness(ready: bool, severity: str, code: str, summary: str) -> dict[str, Any]:
-        return {"ready": ready, "severity": severity, "reason_code": code,
-                "reason_codes": [code], "summary": summary}
-
-    if instance.status == "failed":
-        return readiness(False, "error", "app_runtime_failed",
-                         instance.failure_reason or "The app runtime failed.")
-    if instance.status == "running":
-        health = instance.runtime.get("health_status")
-        if health not in (None, "healthy", "idle", "ok"):
-            return readiness(False, "warn", "app_runtime_unhealthy",
-                             f"The app runtime reports {health}.")
-        return readiness(True, "ok", "ready", "The app runtime is running.")
-    return readiness(False, "info", "runtime_readiness_unknown",
-                     f"The app instance is {status.replace('_', ' ')}.")
-
-
-def _primary_allocation(instance: AppInstance) -> str | None:
-    intent = placement_json(instance.spec.get("placement_intent"))
-    return (intent["target_allocation_id"] or intent["server_allocation_id"]
-            or intent["controller_allocation_id"])
-
-
-def _lifecycle_actions(instance: AppInstance) -> list[dict[str, Any]]:
-    base = f"/api/v1/apps/instances/{instance.id}"
-    refused = f"Not possible while the app instance is {instance.status.replace('_', ' ')}."
-    hint = {"task_href": None, "evidence_href": None, "correlation_id": None}
-
-    def post(action: str, label: str, command: str) -> dict[str, Any]:
-        allowed = command_allowed(instance, command)
-        return {"action": action, "label": label, "enabled": allowed,
-                "disabled_reason": None if allowed else refused, "method": "POST",
-                "href": f"{base}/{command}", "idempotency_required": True, "result": dict(hint)}
-
-    return [post("stop", "Stop", "stop"), post("start", "Start", "start"),
-            post("restart", "Restart", "restart"), post("release", "Release", "decommission"),
-            {"action": "open", "label": "Open", "enabled": True, "disabled_reason": None,
-             "method": "GET", "href": f"/api/v1/workloads/{instance.id}",
-             "idempotency_required": False, "result": dict(hint)}]
-
-
-def app_workload_json(instance: AppInstance, app_name: str, kind: str) -> dict[str, Any]:
-    """``V3WorkloadSummary`` of an app instance (§4.3). Money is left to the V3
-    workloads read model: ``hourly_rate``/``accrued_cost`` are null here."""
-    spec, status = instance.spec, v3_status(instance)
-    required = status in ("failed", "restart_failed", "release_failed")
-    reason = instance.failure_reason if required else None
-    if instance.status == "running":
-        primary = OPEN_ACTION.get(kind, "open")
-    else:
-        primary = {"failed": "review", "restart_failed": "review",
-                   "release_failed": "retry_release"}.get(status, "none")
-    identity = str(instance.id)
-    return {
-        "id": identity, "allocation_id": _primary_allocation(instance),
-        "app_instance_id": identity, "name": spec["display_name"],
-        "kind": kind if kind in WORKLOAD_KINDS else "app", "status": status,
-        "project_id": spec["project_id"], "project_name": spec["project_id"],
-        "region_code": None, "sku": None, "node_id": None, "node_name": None,
-        "owner_user_id": spec["requested_by_user_id"],
-        "owner_username": spec["requested_by_user_id"], "app_slug": spec["app_slug"],
-        "app_name": app_name, "created_at": iso(instance.created_on),
-        "active_at": instance.active_at, "hourly_rate": None, "accrued_cost": None,
-        "cost_projection": {"balance": None, "hourly_rate": None, "accrued_cost": None,
-                            "runway_seconds": None, "projected_depletion_at": None,
-                            "basis": "rate_unavailable"},
-        "needs_action": required, "action_required": required, "is_actionable": required,
-        "actionable_until": None, "archived_at": None, "action_reason": reason,
-        "runtime_readiness": _readiness(instance, status), "blocking_app_use": None,
-        "primary_action": primary,
-        "connection_facts": {"hostname": None, "ip_address": None, "ssh_command": None,
-                             "terminal_href": None, "app_url": None},
-        "lifecycle_actions": _lifecycle_actions(instance),
-        "operator_state": {
-            "active": required,
-            "attention_key": f"app_instance.{status}:{identity}" if required else None,
-            "signal_key": None, "target_type": "app_instance", "target_id": identity,
-            "action_family": "app_recovery" if required else None,
-            "attention_reason": reason, "review_required": required, "review_state": "open",
-            "ack_fingerprint": None, "ack_state": "none", "ack_reason": None,
-            "ack_expires_at": None, "ack_actor": None, "ack_updated_at": None},
-    }
-
-
-__all__ = ["v3_app_item", "v3_versions", "v3_permissions", "v3_examples", "app_workload_json",
+__all__ = ["v3_app_item", "v3_versions", "v3_permissions", "v3_examples",
            "app_kind", "min_root_disk_mib", "entitlement_summary", "secret_free", "PUBLISHED"]

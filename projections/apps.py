@@ -1,5 +1,4 @@
-"""Apps read model: the app catalog, project entitlements and the live app instances
-per app and project (app-instances §6.4).
+"""Apps read model: the app catalog and project entitlements (app-instances §6.4).
 
 - ``app_catalog``: one row per app. ``state`` is a copy of the ``AppCatalogEntry``
   aggregate (``state_of``) moved with the aggregate's own code (``fold``), beside the
@@ -9,11 +8,9 @@ per app and project (app-instances §6.4).
   ``domain.app_catalog_views``), so a rebuild reproduces every answer.
 - ``app_entitlements``: one row per (project, app): ``enabled`` and
   ``policy_overrides`` (and the folded ``state``).
-- ``app_instance_rows``: one row per app instance, ``state`` folded from its events,
-  with ``live`` (not ``decommissioned``/``deleted``): what ``getV3AppDetail``'s
-  ``running_workloads`` lists.
 
-Fed by ``AppCatalogEntry``, ``ProjectAppEntitlement`` and ``AppInstance`` events.
+Fed by ``AppCatalogEntry`` and ``ProjectAppEntitlement`` events. ``getV3AppDetail``'s
+``running_workloads`` are the app's rows in the V3 workloads read model.
 """
 
 from __future__ import annotations
@@ -26,12 +23,11 @@ from psycopg import Cursor
 from psycopg.sql import SQL, Identifier
 from psycopg.types.json import Jsonb
 
-from domain.app_instances import GONE, AppInstance
 from domain.apps import AppCatalogEntry, ProjectAppEntitlement
 from domain.inventory import fold, restore, state_of
 from projections.store import Item
 
-_MINE = (AppCatalogEntry.Event, ProjectAppEntitlement.Event, AppInstance.Event)
+_MINE = (AppCatalogEntry.Event, ProjectAppEntitlement.Event)
 
 
 def _search_text(app: AppCatalogEntry) -> str:
@@ -48,7 +44,7 @@ def _featured(app: AppCatalogEntry) -> bool:
 
 class Apps:
     name = "apps"
-    tables = ("app_catalog", "app_entitlements", "app_instance_rows")
+    tables = ("app_catalog", "app_entitlements")
 
     def ddl(self, schema: str) -> list[str]:
         s = f'"{schema}"'
@@ -62,12 +58,6 @@ class Apps:
             " enabled boolean NOT NULL, policy_overrides jsonb NOT NULL, state jsonb NOT NULL,"
             " notification_id bigint NOT NULL, PRIMARY KEY (project_id, app_slug))",
             f"CREATE UNIQUE INDEX IF NOT EXISTS app_entitlements_id ON {s}.app_entitlements (id)",
-            f"CREATE TABLE IF NOT EXISTS {s}.app_instance_rows ("
-            " id uuid PRIMARY KEY, project_id uuid NOT NULL, app_slug text NOT NULL,"
-            " status text NOT NULL, live boolean NOT NULL, created_at timestamptz NOT NULL,"
-            " state jsonb NOT NULL, notification_id bigint NOT NULL)",
-            f"CREATE INDEX IF NOT EXISTS app_instance_rows_live ON {s}.app_instance_rows"
-            " (project_id, app_slug, created_at DESC, id DESC) WHERE live",
         ]
 
     def apply(self, cur: Cursor[Any], schema: str, event: Any, notification_id: int) -> None:
@@ -81,12 +71,11 @@ class Apps:
             return
         by_kind: dict[type, list[Item]] = {}
         for item in mine:
-            kind = next(k for k in (AppCatalogEntry, ProjectAppEntitlement, AppInstance)
+            kind = next(k for k in (AppCatalogEntry, ProjectAppEntitlement)
                         if isinstance(item.event, k.Event))
             by_kind.setdefault(kind, []).append(item)
         for kind, table, write in ((AppCatalogEntry, "app_catalog", _write_app),
-                                   (ProjectAppEntitlement, "app_entitlements", _write_entitlement),
-                                   (AppInstance, "app_instance_rows", _write_instance)):
+                                   (ProjectAppEntitlement, "app_entitlements", _write_entitlement)):
             found = by_kind.get(kind)
             if not found:
                 continue
@@ -136,15 +125,6 @@ def _write_entitlement(cur: Cursor[Any], schema: str, entitlement: ProjectAppEnt
         "id": entitlement.id, "enabled": entitlement.enabled,
         "policy_overrides": Jsonb(entitlement.policy_overrides),
         "state": Jsonb(state_of(entitlement)), "notification_id": notification_id})
-
-
-def _write_instance(cur: Cursor[Any], schema: str, instance: AppInstance,
-                    notification_id: int) -> None:
-    _upsert(cur, schema, "app_instance_rows", ("id",), {
-        "id": instance.id, "project_id": UUID(instance.spec["project_id"]),
-        "app_slug": instance.spec["app_slug"], "status": instance.status,
-        "live": instance.status not in GONE, "created_at": instance.created_on,
-        "state": Jsonb(state_of(instance)), "notification_id": notification_id})
 
 
 # ---- queries ----------------------------------------------------------------------------------
@@ -199,18 +179,3 @@ def project_entitlements(cur: Cursor[Any], schema: str, project_id: UUID,
             for row in cur.fetchall()}
 
 
-def live_instances(cur: Cursor[Any], schema: str, project_id: UUID, slug: str,
-                   limit: int = 200) -> list[AppInstance]:
-    """The project's live instances of the app, newest first."""
-    cur.execute(SQL("SELECT state FROM {0}.app_instance_rows WHERE live AND project_id = %s"
-                    " AND app_slug = %s ORDER BY created_at DESC, id DESC LIMIT %s").format(
-        Identifier(schema)), (project_id, slug, limit))
-    return [restore(AppInstance, row["state"]) for row in cur.fetchall()]
-
-
-def live_instance_count(cur: Cursor[Any], schema: str, project_id: UUID, slug: str) -> int:
-    cur.execute(SQL("SELECT count(*) AS n FROM {0}.app_instance_rows WHERE live"
-                    " AND project_id = %s AND app_slug = %s").format(Identifier(schema)),
-                (project_id, slug))
-    row = cur.fetchone()
-    return int(row["n"]) if row else 0

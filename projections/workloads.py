@@ -355,6 +355,15 @@ def get_workload(cur: Cursor[Any], schema: str, project_id: UUID,
     return None if row is None else _row(row)
 
 
+def app_workloads(cur: Cursor[Any], schema: str, project_id: UUID, app_slug: str,
+                  limit: int = 200) -> list[dict[str, Any]]:
+    """The project's rows of the app's instances that are not gone, newest first."""
+    cur.execute(SQL(_ROW_SELECT + " WHERE w.project_id = %s AND w.app_slug = %s"
+                    " AND w.status <> 'released' ORDER BY w.created_at DESC, w.id DESC"
+                    " LIMIT %s").format(Identifier(schema)), (project_id, app_slug, limit))
+    return [_row(row) for row in cur.fetchall()]
+
+
 def actionable_workloads(cur: Cursor[Any], schema: str, project_id: UUID, now: datetime,
                          limit: int) -> list[dict[str, Any]]:
     """The project's rows still inside their recovery window, latest entry first."""

@@ -11,7 +11,8 @@ Who sees what (docs/decisions.md):
   not entitled (the list holds the rows that exist).
 - ``listV3Apps``/``getV3AppDetail`` (and their ``…Compat`` twins) show published apps
   for the ``X-Project-ID`` project, with that project's entitlement;
-  ``running_workloads`` are the project's live instances of the app. The slugs
+  ``running_workloads`` are the project's instances of the app that are not gone, as
+  their rows in the V3 workloads read model (the same JSON as ``listV3Workloads``). The slugs
   ``catalog``, ``registry``, ``artifacts`` and ``instances`` are reserved: the literal
   routes are registered first, and a detail read of one of them is 404.
 
@@ -20,6 +21,7 @@ Lists page by slug with signed keyset cursors.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, Literal
 from uuid import UUID
 
@@ -31,15 +33,18 @@ from api.errors import ApiError
 from api.pagination import encode_cursor, page_request, pagination_block
 from api.queries import cached_query
 from api.queries.inventory import v3_meta, with_meta_cache
-from domain.app_catalog_views import (PUBLISHED, app_kind, app_workload_json, v3_app_item,
+from domain.app_catalog_views import (PUBLISHED, v3_app_item,
                                       v3_examples, v3_permissions, v3_versions)
 from domain.apps import VERSION_STATUSES, catalog_item_json, catalog_version_json, entitlement_json
-from projections.apps import (categories, get_app, list_apps, live_instances,
-                              project_entitlements)
+from api.queries.workloads import workload_json
+from projections.apps import categories, get_app, list_apps, project_entitlements
+from projections.workloads import app_workloads
 from projections.store import SCHEMA
 
 router = APIRouter()
 READ_MODELS = ("apps",)
+#: the detail also lists the app's instances from the V3 workloads read model
+DETAIL_READ_MODELS = ("apps", "workloads")
 SLUG = r"^[a-z0-9][a-z0-9-]{1,62}$"
 RESERVED_SLUGS = ("catalog", "registry", "artifacts", "instances")
 FEATURED_LIMIT = 6
@@ -192,13 +197,14 @@ def get_v3_app_detail(request: Request, app_slug: str = Slug,
         if app is None or app.status not in PUBLISHED:
             raise app_not_found(app_slug)
         entitlement = project_entitlements(cur, SCHEMA, project, [app_slug]).get(app_slug)
-        kind, name = app_kind(app), app.details["display_name"]
+        now, funds = datetime.now(timezone.utc), {}
         return {"app": v3_app_item(app, entitlement), "versions": v3_versions(app, entitlement),
                 "permissions": v3_permissions(app, entitlement), "examples": v3_examples(app),
-                "running_workloads": [app_workload_json(i, name, kind)
-                                      for i in live_instances(cur, SCHEMA, project, app_slug)],
+                "running_workloads": [
+                    workload_json(cur, row, principal.user_id, now, funds)
+                    for row in app_workloads(cur, SCHEMA, project, app_slug)],
                 "meta": v3_meta()}
 
     return with_meta_cache(cached_query(
-        request, principal, operation_id="getV3AppDetail", projection=READ_MODELS,
+        request, principal, operation_id="getV3AppDetail", projection=DETAIL_READ_MODELS,
         query={"app_slug": app_slug, "project": str(project)}, compute=compute))

@@ -96,7 +96,7 @@ def _not_found(**details: str) -> ApiError:
 
 
 # ---- workloads --------------------------------------------------------------------------------
-def _workload_json(cur: Any, row: dict[str, Any], viewer: UUID, now: datetime,
+def workload_json(cur: Any, row: dict[str, Any], viewer: UUID, now: datetime,
                    funds: dict[UUID, Any]) -> dict[str, Any]:
     """A row's ``V3WorkloadSummary`` (a lease's or an app's); the cost projection shows
     the balance only on the caller's own workloads (``funds`` caches the caller's
@@ -139,7 +139,7 @@ def list_v3_workloads(request: Request, principal: Principal = Depends(authentic
     def fetch(cur: Any, now: datetime, after: list[Any] | None,
               limit: int) -> list[tuple[list[Any], dict[str, Any]]]:
         rows = list_workloads(cur, SCHEMA, project, now, after=after, limit=limit, **filters)
-        return [(row["key"], _workload_json(cur, row, principal.user_id, now, funds))
+        return [(row["key"], workload_json(cur, row, principal.user_id, now, funds))
                 for row in rows]
 
     def extra(cur: Any, now: datetime) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def get_v3_workload_detail(request: Request,
         row = get_workload(cur, SCHEMA, project, workload_id)
         if row is None:
             raise _not_found(workload_id=workload_id)
-        workload = _workload_json(cur, row, principal.user_id, now, {})
+        workload = workload_json(cur, row, principal.user_id, now, {})
         if row["kind"] != "compute":
             return apps.app_workload_detail(row["state"], row["steps"], workload, now,
                                             row["allocation"])

@@ -143,6 +143,9 @@ def test_an_app_lifecycle_through_http_agrees_with_the_catalog_workbench_and_led
     detail = lab.expect(200, "GET", APP, token, project=project, key=None,
                         app_slug="vllm-serve")
     assert [(w["id"], w["status"]) for w in detail["running_workloads"]] == [(app_id, "active")]
+    [listed] = detail["running_workloads"]  # the V3 workloads row itself
+    assert {k: listed[k] for k in ("kind", "hourly_rate", "sku", "allocation_id", "app_name")} \
+        == {k: row[k] for k in ("kind", "hourly_rate", "sku", "allocation_id", "app_name")}
     op = lab.expect(202, "POST", MEMBER_OPS, token, {"action": "add", "component_key": "worker",
                                                      "requested_count": 1}, **ids)
     member = str(uuid.uuid4())
