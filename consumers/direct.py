@@ -1,4 +1,8 @@
-"""The direct transport: follow the notification log, apply it in batches."""
+"""The direct transport: follow the notification log, apply it in batches.
+
+An event a read model cannot apply (or that cannot be decoded at all) becomes a dead
+letter for that read model (``projections.store``); the projector goes on with the
+rest. What operators requeue is applied at the start of every catch-up."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import psycopg
 from eventsourcing.application import Application
 from psycopg.conninfo import make_conninfo
 
+from consumers.pipeline import Heartbeat, decode, retry_requeued
 from projections.store import Item, ReadModelStore
 
 log = logging.getLogger("ledgercore.direct")
@@ -20,11 +25,13 @@ SOURCE = "log"
 def read_items(app: Application[Any], after: int, limit: int) -> list[Item]:
     notifications = app.recorder.select_notifications(start=after, limit=limit,
                                                       inclusive_of_start=False)
-    return [Item(n.id, app.mapper.to_domain_event(n)) for n in notifications]
+    return [Item(n.id, decode(app.mapper, n), n) for n in notifications]
 
 
 def catch_up(app: Application[Any], store: ReadModelStore, batch_size: int = 500) -> int:
-    """Apply everything the log holds now; return the position reached."""
+    """Apply what operators requeued, then everything the log holds now; return the
+    position reached."""
+    retry_requeued(store, app.mapper)
     position = min(store.tracked(p.name, SOURCE) for p in store.projections)
     while True:
         items = read_items(app, position, batch_size)
@@ -38,9 +45,11 @@ class DirectProjector:
     """Runs ``catch_up`` in a thread whenever the log may have grown.
 
     Wakes on Postgres NOTIFY from the event store (any process's writes), on
-    ``poke()`` (this process's writes) and every ``idle_seconds`` regardless. A
-    failing batch is retried with backoff and never skipped: the read model stops
-    where it is and the error is logged and exposed as ``last_error``.
+    ``poke()`` (this process's writes) and every ``idle_seconds`` regardless. An
+    event a read model cannot apply is dead-lettered and the rest go on; a batch
+    that fails for another reason (the database is unreachable) is retried with
+    backoff and never skipped: the error is logged, exposed as ``last_error`` and in
+    the ``projector:direct`` heartbeat the ops overview reads.
     """
 
     def __init__(self, app: Application[Any], store: ReadModelStore, dsn: str,
@@ -51,6 +60,7 @@ class DirectProjector:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.heartbeat = Heartbeat(store, "projector:direct")
 
     def poke(self) -> None:
         self._wake.set()
@@ -73,12 +83,14 @@ class DirectProjector:
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                catch_up(self.app, self.store)
+                position = catch_up(self.app, self.store)
                 self.last_error = None
                 backoff = 0.05
+                self.heartbeat.beat(caught_up=True, position=position, head=position)
             except Exception as error:  # noqa: BLE001 - reported, retried, never skipped
                 self.last_error = f"{type(error).__name__}: {error}"
                 log.exception("direct projector batch failed; retrying")
+                self.heartbeat.beat(caught_up=False, error=self.last_error[:2000])
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

@@ -1,7 +1,14 @@
 """The Kafka relay: follow the notification log, publish every event with ``acks=all``
 (key = aggregate id), then a watermark to every partition, and only after the broker
 acknowledged all of it record the relay's position. A crash before that record means
-a republish, which projectors skip by their per-partition tracking."""
+a republish, which projectors skip by their per-partition tracking.
+
+An event that can never be published (larger than the broker accepts, not
+serializable) is parked in ``outbox_failed`` in the same transaction as the position,
+and the relay goes on: it never blocks the log behind it. An operator requeues it (the
+relay publishes it again, marked ``late``: projectors apply it once, outside the
+tracking order) or discards it. Any other failure (broker or database unreachable)
+fails the whole batch, which is published again after a back-off."""
 
 from __future__ import annotations
 
@@ -13,50 +20,153 @@ from typing import Any
 from eventsourcing.application import Application
 from eventsourcing.persistence import Tracking
 from kafka import KafkaProducer
+from kafka.errors import (CorruptRecordError, InvalidRecordError, KafkaError,
+                          MessageSizeTooLargeError, RecordListTooLargeError)
 
+from consumers.pipeline import Heartbeat
 from consumers.wire import ensure_topic, event_message, watermark_message
+from projections import dead_letters as dl
 from projections.store import ReadModelStore
 
 log = logging.getLogger("ledgercore.relay")
+#: broker answers that no retry can change
+UNPUBLISHABLE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError,
+                 CorruptRecordError)
+
+
+def unpublishable(error: BaseException) -> bool:
+    """The event itself cannot be published (as opposed to the broker being away)."""
+    if isinstance(error, UNPUBLISHABLE):
+        return True
+    return not isinstance(error, (KafkaError, OSError))
 
 
 class Relay:
     def __init__(self, app: Application[Any], store: ReadModelStore, bootstrap: str, topic: str,
-                 partitions: int, batch_size: int = 500, crash_at: str | None = None):
+                 partitions: int, batch_size: int = 500, crash_at: str | None = None,
+                 max_request_size: int | None = None):
         self.app, self.store, self.topic = app, store, topic
         self.batch_size, self.crash_at = batch_size, crash_at
-        ensure_topic(bootstrap, topic, partitions)
-        self.producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", retries=10, linger_ms=2,
-            max_in_flight_requests_per_connection=1, client_id="ledgercore-relay")
-        self.partitions = sorted(self.producer.partitions_for(topic))
+        self.bootstrap, self.partition_count = bootstrap, partitions
+        self.max_request_size = max_request_size or 1048576
+        self._connect()
         self.tracking_name = f"relay|{topic}"
+        self.heartbeat = Heartbeat(store, f"relay:{topic}")
         self._stop = threading.Event()
+
+    def _connect(self) -> None:
+        """Ensure the topic and open a producer. Also after a broker failure: a broker
+        that restarted without the producer's id answers it with a fatal error, after
+        which that producer fails every send, and an emptied broker has no topic."""
+        ensure_topic(self.bootstrap, self.topic, self.partition_count)
+        self.producer = KafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", retries=10, linger_ms=2,
+            max_in_flight_requests_per_connection=1, client_id="ledgercore-relay",
+            max_request_size=self.max_request_size, allow_auto_create_topics=False)
+        self.partitions = sorted(self.producer.partitions_for(self.topic))
+
+    def _reconnect(self) -> None:
+        try:
+            self.producer.close(timeout=0)
+        except Exception:  # noqa: BLE001 - it is replaced either way
+            pass
+        try:
+            self._connect()
+        except Exception:  # noqa: BLE001 - the broker is still away: the next retry tries again
+            log.warning("cannot reach the broker yet", exc_info=True)
 
     def position(self) -> int:
         return self.store.max_tracking_id(self.tracking_name) or 0
 
     def run_once(self) -> int:
-        """Publish the next batch; return how many events it held."""
+        """Publish what operators requeued, then the next batch; return how many
+        events the batch held."""
+        self.republish_requeued()
+        position = self.position()
         notifications = self.app.recorder.select_notifications(
-            start=self.position(), limit=self.batch_size, inclusive_of_start=False)
+            start=position, limit=self.batch_size, inclusive_of_start=False)
         if not notifications:
+            self.heartbeat.beat(caught_up=True, position=position, head=position)
             return 0
+        schema = self.store.datastore.schema
+        with self.store.datastore.transaction(commit=False) as cur:
+            blocked = dl.outbox_blocked(cur, schema)
+        parked: list[tuple[Any, BaseException | None]] = []
         futures = []
         for notification in notifications:
-            key, value, headers = event_message(notification)
-            futures.append(self.producer.send(self.topic, key=key, value=value, headers=headers))
+            if notification.originator_id in blocked:
+                parked.append((notification, None))  # behind an unpublished event
+                continue
+            try:
+                key, value, headers = event_message(notification)
+                futures.append((notification, self.producer.send(
+                    self.topic, key=key, value=value, headers=headers)))
+            except Exception as error:
+                if not unpublishable(error):
+                    raise
+                parked.append((notification, error))
+                blocked.add(notification.originator_id)
         last = notifications[-1].id
-        for partition in self.partitions:
-            futures.append(self.producer.send(self.topic, value=b"", partition=partition,
-                                              headers=watermark_message(last)))
+        marks = [self.producer.send(self.topic, value=b"", partition=partition,
+                                    headers=watermark_message(last))
+                 for partition in self.partitions]
         self.producer.flush()
-        for future in futures:
-            future.get(timeout=30)  # raises unless the broker acknowledged
+        for notification, future in futures:
+            try:
+                future.get(timeout=30)  # raises unless the broker acknowledged
+            except Exception as error:
+                if not unpublishable(error):
+                    raise
+                parked.append((notification, error))
+        # an event of the same aggregate published after one that failed in flight
+        # is a known gap: it is logged with the failure, and the requeue comes late
+        for future in marks:
+            future.get(timeout=30)
         if self.crash_at == "relay_after_publish":
             os._exit(137)
-        self.store.insert_tracking(Tracking(self.tracking_name, last))
+        with self.store.datastore.transaction(commit=True) as cur:
+            for notification, error in sorted(parked, key=lambda p: p[0].id):
+                if error is not None:
+                    log.error("cannot publish notification %s (%s): %s; parked in the "
+                              "failed outbox", notification.id, notification.topic, error)
+                dl.park_outbox(cur, schema, notification, self._aggregate_type(notification),
+                               error, "failed" if error is not None else "parked")
+            self.store._insert_tracking(cur, Tracking(self.tracking_name, last))
+        if self.heartbeat.due():
+            self.heartbeat.beat(caught_up=False, position=last,
+                                head=self.app.recorder.max_notification_id())
         return len(notifications)
+
+    def republish_requeued(self) -> int:
+        """Publish the failed outbox events an operator requeued, marked ``late``."""
+        schema = self.store.datastore.schema
+        with self.store.datastore.transaction(commit=True) as cur:
+            ids = dl.outbox_to_republish(cur, schema)
+        for notification_id in ids:
+            found = self.app.recorder.select_notifications(start=notification_id, limit=1)
+            notification = found[0]
+            try:
+                key, value, headers = event_message(notification)
+                self.producer.send(self.topic, key=key, value=value,
+                                   headers=[*headers, ("late", b"1")]).get(timeout=30)
+            except Exception as error:
+                if not unpublishable(error):
+                    raise
+                with self.store.datastore.transaction(commit=True) as cur:
+                    dl.park_outbox(cur, schema, notification, self._aggregate_type(notification),
+                                   error)
+                    dl.repark_followers(cur, schema, notification)
+                break  # what follows it stays pending, behind it
+            with self.store.datastore.transaction(commit=True) as cur:
+                dl.mark_outbox_published(cur, schema, notification_id)
+        return len(ids)
+
+    def _aggregate_type(self, notification: Any) -> str:
+        try:
+            event = self.app.mapper.to_domain_event(notification)
+        except Exception:  # noqa: BLE001 - described as unknown; the topic is kept
+            return "unknown"
+        return type(event).__qualname__.split(".")[0]
 
     def run_forever(self, idle_seconds: float = 0.05) -> None:
         """Publish until stopped. A failed batch (broker or database unreachable) is
@@ -66,10 +176,14 @@ class Relay:
             try:
                 published = self.run_once()
                 backoff = 0.1
-            except Exception:  # noqa: BLE001 - retried, never skipped
+            except Exception as error:  # noqa: BLE001 - retried, never skipped
                 log.exception("relay batch failed; retrying in %.1fs", backoff)
+                self.heartbeat.beat(caught_up=False,
+                                    error=f"{type(error).__name__}: {error}"[:2000])
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+                if isinstance(error, KafkaError):
+                    self._reconnect()
                 continue
             if published == 0:
                 self._stop.wait(idle_seconds)

@@ -4,7 +4,7 @@ Subcommands: ``run`` (the service), ``token`` (mint a bearer token), ``rebuild``
 model from the event store), ``relay`` and ``project`` (the Kafka transport's
 processes), ``invoices close|pay|void`` and ``budgets set`` (billing operator commands
 the contract has no operation for), ``apps register|add-version`` (the app catalog),
-and the auditors' ``replay``, ``verify`` and ``export`` (``infra.audit``).
+and the auditors' ``replay``, ``verify`` and ``export`` (``infra.audit``), and ``dlq list|requeue|discard`` (dead letters, with a reason).
 """
 
 from __future__ import annotations
@@ -704,6 +704,69 @@ def audit_verify(offline: Optional[str] = typer.Option(None, "--offline", help="
                                f"{count} discrepanc{'y' if count == 1 else 'ies'}"))
     if not report.ok:
         raise typer.Exit(1)
+
+
+# ---- operators: the dead-letter queue (the API's requeue/discard, with a reason) -------
+dlq_cli = typer.Typer(no_args_is_help=True, help="dead letters: events a read model could not apply")
+cli.add_typer(dlq_cli, name="dlq")
+
+
+def _dlq_action(action: str, seq: int, reason: str) -> None:
+    import getpass
+
+    from projections import dead_letters as dl
+    from projections.store import SCHEMA
+
+    actor = f"cli:{getpass.getuser()}"
+    stores, pg = _audit_stores()
+    try:
+        with stores.read_models.datastore.transaction(commit=True) as cur:
+            change = dl.requeue_dead_letter if action == "requeue" else dl.discard_dead_letter
+            found, row = change(cur, SCHEMA, seq, actor, reason)
+            ok = found in ("ok", "already")
+            dl.record_action(cur, SCHEMA, action=f"ops.dlq.{action}", target=f"dlq:{seq}",
+                             actor_id=actor, actor_type="system", reason=reason,
+                             correlation_id=str(uuid.uuid4()), result="success" if ok else "failure",
+                             scope=None, response=None)
+    finally:
+        _close_audit_stores(stores, pg)
+    if not ok:
+        console.print(f"dead letter {seq}: {found}" + (f" (it is {row['status']})" if row else ""))
+        raise typer.Exit(1)
+    print(f"dead letter {seq}: {'requeued' if action == 'requeue' else 'discarded'}")
+
+
+@dlq_cli.command("list")
+def dlq_list(prefix: Optional[str] = typer.Option(None, help="subject prefix, e.g. "
+                                                  "dlq.ledgercore.billing_ledger")) -> None:
+    """Pending dead letters, oldest first, as JSON lines."""
+    import json
+
+    from projections import dead_letters as dl
+    from projections.store import SCHEMA
+
+    stores, pg = _audit_stores()
+    try:
+        with stores.read_models.datastore.transaction(commit=False) as cur:
+            for message in dl.list_dead_letters(cur, SCHEMA, after=None, limit=10_000,
+                                                subject_prefix=prefix):
+                print(json.dumps(message, default=str))
+    finally:
+        _close_audit_stores(stores, pg)
+
+
+@dlq_cli.command("requeue")
+def dlq_requeue(seq: int = typer.Argument(..., help="the dead letter's stream_seq"),
+                reason: str = typer.Option(..., help="why (recorded with the operator)")) -> None:
+    """Hand a pending dead letter back to the projector (it applies it once)."""
+    _dlq_action("requeue", seq, reason)
+
+
+@dlq_cli.command("discard")
+def dlq_discard(seq: int = typer.Argument(..., help="the dead letter's stream_seq"),
+                reason: str = typer.Option(..., help="why (recorded with the operator)")) -> None:
+    """The read model never gets this event; what was parked behind it goes on."""
+    _dlq_action("discard", seq, reason)
 
 
 def main() -> None:

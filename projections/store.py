@@ -10,11 +10,20 @@ and ``kafka:<topic>/<partition>`` for the Kafka one.
 at or below it has been applied. A read model's position is the lowest watermark
 over the sources of the transport in use; queries compare it with the position a
 command returned (read-your-writes) and put it in cache keys.
+
+An event a read model cannot apply does not stop the others (``projections.dead_letters``):
+a batch that fails is applied again event by event under savepoints, bisecting to the
+failing event, which is recorded as a dead letter for that read model; later events of
+the same aggregate are parked behind it (that read model keeps each aggregate's order)
+and everything else goes on. An operator requeues it (applied once, then what was
+parked) or discards it (what was parked is applied). Infrastructure errors (database
+unreachable, lock timeouts) fail the whole batch, which the transport retries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,7 +32,10 @@ from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from psycopg import Cursor
 from psycopg.sql import SQL, Identifier
 
+from projections import dead_letters as dl
+
 SCHEMA = "readmodels"
+log = logging.getLogger("ledgercore.projections")
 
 
 class Projection(Protocol):
@@ -42,6 +54,9 @@ def apply_items(projection: Projection, cur: Cursor[Any], schema: str,
     has one, otherwise one ``apply`` per event."""
     if not items:
         return
+    for item in items:
+        if isinstance(item.event, dl.Undecodable):
+            raise item.event.error
     many = getattr(projection, "apply_many", None)
     if many is not None:
         many(cur, schema, items)
@@ -54,6 +69,13 @@ def apply_items(projection: Projection, cur: Cursor[Any], schema: str,
 class Item:
     notification_id: int
     event: Any
+    #: the stored event as the transport received it (kept in a dead letter)
+    stored: Any = None
+    #: where the transport read it: Kafka topic, partition and offset
+    origin: dict[str, Any] | None = None
+    #: delivered out of order (an outbox event published again): applied once,
+    #: whatever the tracking position
+    late: bool = False
 
 
 def tracking_name(projection: str, source: str) -> str:
@@ -69,33 +91,159 @@ class ReadModelStore(PostgresTrackingRecorder):
             "CREATE TABLE IF NOT EXISTS {0}.read_positions ("
             " projection text NOT NULL, source text NOT NULL, position bigint NOT NULL,"
             " PRIMARY KEY (projection, source))").format(schema))
+        for statement in dl.ddl(self.datastore.schema):
+            self.sql_create_statements.append(SQL(statement))  # type: ignore[arg-type]
         for projection in self.projections:
             for statement in projection.ddl(self.datastore.schema):
                 self.sql_create_statements.append(SQL(statement))  # type: ignore[arg-type]
 
     # ---- writing -------------------------------------------------------------------
-    def apply_batch(self, source: str, items: Sequence[Item], watermark: int | None) -> int:
+    def apply_batch(self, source: str, items: Sequence[Item], watermark: int | None,
+                    dead_letters: list[dl.DeadLetter] | None = None) -> int:
         """Apply ``items`` (ascending notification ids of one source) to every read
         model, skipping what each has already applied; record tracking and the
-        watermark. Returns how many (projection, event) applications were made."""
+        watermark. Returns how many (projection, event) applications were made.
+
+        If an event fails a read model, the batch is applied again carefully (see the
+        module docstring); the dead letters it recorded are appended to
+        ``dead_letters`` when given."""
+        if not any(isinstance(i.event, dl.Undecodable) for i in items):
+            try:
+                return self._apply_batch(source, items, watermark, None)
+            except _Careful:
+                pass
+            except Exception as error:
+                if dl.is_infrastructure(error):
+                    raise
+                log.warning("batch from %s failed (%s: %s); bisecting to the failing event",
+                            source, type(error).__name__, error)
+        recorded: list[dl.DeadLetter] = []
+        applied = self._apply_batch(source, items, watermark, recorded)
+        for letter in recorded:
+            log.error("dead letter %s: %s could not apply notification %s (%s)", letter.seq,
+                      letter.projection, letter.notification_id, letter.status)
+        if dead_letters is not None:
+            dead_letters.extend(recorded)
+        return applied
+
+    def _apply_batch(self, source: str, items: Sequence[Item], watermark: int | None,
+                     recorded: list[dl.DeadLetter] | None) -> int:
+        """One transaction. ``recorded is None``: the fast path (any failure aborts);
+        otherwise each read model's events go under savepoints and failures become
+        dead letters appended to ``recorded``."""
         applied = 0
+        schema = self.datastore.schema
         with self.datastore.transaction(commit=True) as cur:
+            blocked = dl.blocked(cur, schema)
             for projection in self.projections:
                 name = tracking_name(projection.name, source)
-                done = self._max_tracking_id(name, cur) or 0
+                done = self._locked_position(cur, name)
                 last = None
-                fresh = []
+                fresh, late, parked = [], [], []
+                held = blocked.get(projection.name, set())
                 for item in items:
+                    if item.late:
+                        late.append(item)
+                        continue
                     if item.notification_id <= done:
                         continue  # applied before (a republished or replayed event)
-                    fresh.append(item)
                     done = last = item.notification_id
-                apply_items(projection, cur, self.datastore.schema, fresh)
-                applied += len(fresh)
+                    (parked if item.event.originator_id in held else fresh).append(item)
+                if (parked or late) and recorded is None:
+                    raise _Careful()
+                for item in parked:
+                    recorded.append(dl.record(cur, schema, projection.name, source, item,  # type: ignore[union-attr]
+                                              None, "parked"))
+                if recorded is None:
+                    apply_items(projection, cur, schema, fresh)
+                    applied += len(fresh)
+                else:
+                    applied += self._guarded(cur, projection, source, fresh, set(held), recorded)
+                    claimed = [i for i in late if dl.claim_late(cur, schema, projection.name,
+                                                                source, i)]
+                    if claimed:
+                        dl.bump_repairs(cur, schema, projection.name)
+                    applied += self._guarded(cur, projection, source, claimed, set(held),
+                                             recorded)
                 if last is not None:
                     self._insert_tracking(cur, Tracking(name, last))
                 if watermark is not None:
                     self._raise_watermark(cur, projection.name, source, watermark)
+        return applied
+
+    def _guarded(self, cur: Cursor[Any], projection: Projection, source: str,
+                 items: Sequence[Item], held: set[Any], recorded: list[dl.DeadLetter]) -> int:
+        """Apply ``items`` under a savepoint; on failure bisect: the failing event
+        becomes a pending dead letter and later events of its aggregate are parked."""
+        runnable = []
+        for item in items:
+            if item.event.originator_id in held:
+                recorded.append(dl.record(cur, self.datastore.schema, projection.name, source,
+                                          item, None, "parked"))
+            else:
+                runnable.append(item)
+        if not runnable:
+            return 0
+        try:
+            with cur.connection.transaction():
+                apply_items(projection, cur, self.datastore.schema, runnable)
+            return len(runnable)
+        except Exception as error:
+            if dl.is_infrastructure(error):
+                raise
+            if len(runnable) == 1:
+                recorded.append(dl.record(cur, self.datastore.schema, projection.name, source,
+                                          runnable[0], error, "pending"))
+                held.add(runnable[0].event.originator_id)
+                return 0
+        middle = len(runnable) // 2
+        left = self._guarded(cur, projection, source, runnable[:middle], held, recorded)
+        return left + self._guarded(cur, projection, source, runnable[middle:], held, recorded)
+
+    def _locked_position(self, cur: Cursor[Any], name: str) -> int:
+        """The tracking position, locked until this transaction ends: a rebuild (or
+        another runner) holding it makes this wait, then read what it committed."""
+        cur.execute(SQL("SELECT notification_id FROM {0}.{1} WHERE application_name = %s"
+                        " FOR UPDATE").format(Identifier(self.datastore.schema),
+                                              Identifier(self.tracking_table_name)), (name,))
+        row = cur.fetchone()
+        return int(row["notification_id"]) if row else 0
+
+    def apply_requeued(self, decode: Callable[[Any], Any]) -> int:
+        """Apply what operators requeued (and what was parked behind it), each read
+        model in its own transaction, once: the dead letter's status moves with the
+        rows. ``decode`` turns a stored event back into a domain event (the fix may
+        be a new version that can read it). Returns how many events were applied."""
+        schema = self.datastore.schema
+        with self.datastore.transaction(commit=True) as cur:
+            dl.release_orphans(cur, schema)
+            names = dl.requeued_projections(cur, schema)
+        applied = 0
+        for projection in self.projections:
+            if projection.name not in names:
+                continue
+            with self.datastore.transaction(commit=True) as cur:
+                # wait for a rebuild of this read model, as a batch would
+                cur.execute(SQL("SELECT 1 FROM {0}.{1} WHERE application_name LIKE %s"
+                                " FOR UPDATE").format(Identifier(schema),
+                                                      Identifier(self.tracking_table_name)),
+                            (projection.name + "|%",))
+                for chain in dl.requeued_chains(cur, schema, projection.name):
+                    for row in chain:
+                        try:
+                            with cur.connection.transaction():
+                                stored = _StoredEvent(row)
+                                item = Item(row["notification_id"], decode(stored), stored)
+                                apply_items(projection, cur, schema, [item])
+                        except Exception as error:
+                            if dl.is_infrastructure(error):
+                                raise
+                            dl.mark_failed_again(cur, schema, row["seq"], error)
+                            log.error("requeued dead letter %s failed again: %s", row["seq"], error)
+                            break
+                        dl.mark_applied(cur, schema, row["seq"])
+                        applied += 1
+                dl.bump_repairs(cur, schema, projection.name)
         return applied
 
     def register_sources(self, sources: Iterable[str]) -> None:
@@ -136,23 +284,50 @@ class ReadModelStore(PostgresTrackingRecorder):
             cur.execute(SQL("SELECT source FROM {0}.read_positions WHERE projection = %s"
                             " FOR UPDATE").format(schema), (projection.name,))
             sources |= {row["source"] for row in cur.fetchall()}
+            skipped = dl.skipped_by_rebuild(cur, self.datastore.schema, projection.name)
+            dl.bump_repairs(cur, self.datastore.schema, projection.name)
             for table in projection.tables:
                 cur.execute(SQL("DELETE FROM {0}.{1}").format(schema, Identifier(table)))
             for batch in batches:
-                apply_items(projection, cur, self.datastore.schema, batch)
+                apply_items(projection, cur, self.datastore.schema,
+                            [i for i in batch if i.notification_id not in skipped])
                 if batch:
                     last = batch[-1].notification_id
                 count += len(batch)
             for source in sources or {"log"}:
-                cur.execute(SQL("DELETE FROM {0}.{1} WHERE application_name = %s").format(
+                # updated in place (never deleted and inserted again): a batch waiting
+                # on the row lock then reads the new position
+                cur.execute(SQL("INSERT INTO {0}.{1} VALUES (%s, %s) ON CONFLICT"
+                                " (application_name) DO UPDATE SET notification_id ="
+                                " EXCLUDED.notification_id").format(
                     schema, Identifier(self.tracking_table_name)),
-                    (tracking_name(projection.name, source),))
-                if last:
-                    self._insert_tracking(cur, Tracking(tracking_name(projection.name, source), last))
+                    (tracking_name(projection.name, source), last))
                 cur.execute(SQL("DELETE FROM {0}.read_positions WHERE projection = %s"
                                 " AND source = %s").format(schema), (projection.name, source))
                 self._raise_watermark(cur, projection.name, source, last)
         return count
+
+
+class _Careful(Exception):
+    """The fast path met parked or late events: apply the batch carefully."""
+
+
+class _StoredEvent:
+    """A dead letter's stored event, shaped as the library's mapper reads one."""
+
+    def __init__(self, row: dict[str, Any]):
+        self.originator_id = row["originator_id"]
+        self.originator_version = row["originator_version"]
+        self.topic = row["event_topic"]
+        self.state = bytes(row["state"] or b"")
+
+
+def repair_generation(cur: Cursor[Any], projections: str | Sequence[str],
+                      schema: str = SCHEMA) -> int:
+    """Changes to the read models that did not move their position (a cache key needs
+    it beside the position)."""
+    return dl.repairs(cur, schema, [projections] if isinstance(projections, str)
+                      else list(projections))
 
 
 def position(cur: Cursor[Any], projection: str, source_prefix: str,

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from api.auth import Principal
 from api.consistency import current_position, requested_position, wait_for
 from api.errors import ApiError
+from projections.store import repair_generation
 
 CACHE_HEADER = "X-Read-Model-Cache"
 
@@ -39,6 +40,9 @@ def cached_query(request: Request, principal: Principal, *, operation_id: str,
             reached, position = wait_for(stores, projection, wanted, settings.read_wait_seconds)
         else:
             reached, position = True, current_position(stores, projection)
+        if cache.client is not None:  # requeued events and rebuilds move no position
+            with stores.query_pool.connection() as conn, conn.cursor() as cur:
+                query = {**query, "_repairs": repair_generation(cur, projection)}
         key = cache.key(operation_id, principal.scope_key, query, position)
         body, state = cache.get(key)
         if body is None:
