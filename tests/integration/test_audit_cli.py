@@ -70,7 +70,7 @@ def audited(services: Any) -> Iterator[Audited]:
 
 
 @pytest.fixture
-def ledgercore(audited: Audited, monkeypatch: Any, tmp_path: Path) -> Any:
+def run_cli(audited: Audited, monkeypatch: Any, tmp_path: Path) -> Any:
     for name, value in (("PG_DSN", audited.dsn), ("JWT_SECRET", SECRET),
                         ("DATA_DIR", str(tmp_path)), ("REDIS_URL", "")):
         monkeypatch.setenv(f"LEDGERCORE_{name}", value)
@@ -104,7 +104,7 @@ def shaped(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_replay_gives_the_reference_models_state_at_each_instant(
-        audited: Audited, ledgercore: Any) -> None:
+        audited: Audited, run_cli: Any) -> None:
     history, app = audited.history, audited.stores.app
     moments = sorted({when for when, _ in history.expected})
     # the SQL fast path and the scan of every event agree on every instant
@@ -113,48 +113,48 @@ def test_replay_gives_the_reference_models_state_at_each_instant(
     picks = [moments[0] - US, moments[0], moments[len(moments) // 3] + US,
              moments[len(moments) // 2], moments[-1] - US, moments[-1] + timedelta(days=1)]
     for instant in picks:
-        answer = json.loads(ledgercore("replay", "--as-of", instant.isoformat(), "--json").stdout)
+        answer = json.loads(run_cli("replay", "--as-of", instant.isoformat(), "--json").stdout)
         assert answer["position"] == as_of_position(app, instant)
         assert shaped(answer) == history.at(instant), instant
     owner = history.meterers[0]
-    mine = json.loads(ledgercore("replay", "--as-of", moments[-1].isoformat(), "--account",
+    mine = json.loads(run_cli("replay", "--as-of", moments[-1].isoformat(), "--account",
                                  str(owner), "--json").stdout)
     want = history.at(moments[-1])
     assert shaped(mine)["balances"] == {k: v for k, v in want["balances"].items()
                                         if k[0] == str(owner)}
     assert {r["owner_user_id"] for r in mine["usage"]} <= {str(owner)}
-    human = ledgercore("replay", "--as-of", moments[-1].isoformat()).stdout
+    human = run_cli("replay", "--as-of", moments[-1].isoformat()).stdout
     assert "balances (minor units):" in human and f"log position {mine['position']:,}" in human
 
 
-def test_misuse_exits_2(ledgercore: Any, tmp_path: Path) -> None:
-    ledgercore("replay", "--as-of", "yesterday", code=2)
-    ledgercore("replay", code=2)
-    ledgercore("replay", "--as-of", "2026-03-01T00:00:00Z", "--account", "nope", code=2)
-    ledgercore("export", "--format", "xml", code=2)
-    ledgercore("export", "--from", "2026-03-02", "--to", "2026-03-01", code=2)
-    ledgercore("verify", "--offline", str(tmp_path / "missing.ndjson"), code=2)
+def test_misuse_exits_2(run_cli: Any, tmp_path: Path) -> None:
+    run_cli("replay", "--as-of", "yesterday", code=2)
+    run_cli("replay", code=2)
+    run_cli("replay", "--as-of", "2026-03-01T00:00:00Z", "--account", "nope", code=2)
+    run_cli("export", "--format", "xml", code=2)
+    run_cli("export", "--from", "2026-03-02", "--to", "2026-03-01", code=2)
+    run_cli("verify", "--offline", str(tmp_path / "missing.ndjson"), code=2)
 
 
 # ---- verify -------------------------------------------------------------------------------
-def verified(ledgercore: Any, code: int) -> dict[str, Any]:
-    return json.loads(ledgercore("verify", "--json", code=code).stdout)
+def verified(run_cli: Any, code: int) -> dict[str, Any]:
+    return json.loads(run_cli("verify", "--json", code=code).stdout)
 
 
 def test_verify_passes_then_names_each_tampered_row_and_event(
-        audited: Audited, ledgercore: Any) -> None:
-    clean = verified(ledgercore, 0)
+        audited: Audited, run_cli: Any) -> None:
+    clean = verified(run_cli, 0)
     assert clean["ok"] and clean["discrepancies"] == []
     assert clean["ledger_entries"] > 0 and clean["event_store_position"] > 0
     assert all(m["settled"] for m in clean["read_models"])
-    assert "everything matches" in ledgercore("verify").stdout
+    assert "everything matches" in run_cli("verify").stdout
 
     owner = audited.history.payers[0]
     # a balance row changed by hand
     sql(audited, "UPDATE readmodels.balances SET amount_minor = amount_minor + 7"
                  " WHERE owner_user_id = %s AND currency = 'USD'", owner)
     try:
-        report = verified(ledgercore, 1)
+        report = verified(run_cli, 1)
     finally:
         sql(audited, "UPDATE readmodels.balances SET amount_minor = amount_minor - 7"
                      " WHERE owner_user_id = %s AND currency = 'USD'", owner)
@@ -164,7 +164,7 @@ def test_verify_passes_then_names_each_tampered_row_and_event(
     assert row["live"]["amount_minor"] == row["expected"]["amount_minor"] + 7
     assert row["event"]["position"] == row["expected"]["notification_id"]
     assert row["event"]["originator_id"] == str(account_id_for(owner))
-    text = ledgercore("verify", code=0).stdout
+    text = run_cli("verify", code=0).stdout
     assert "everything matches" in text
 
     # a ledger entry row removed from the read model
@@ -174,7 +174,7 @@ def test_verify_passes_then_names_each_tampered_row_and_event(
         conn.execute("DELETE FROM readmodels.ledger_entries WHERE entry_id = %s",
                      (entry["entry_id"],))
     try:
-        report = verified(ledgercore, 1)
+        report = verified(run_cli, 1)
     finally:
         rebuild(audited.stores.app, audited.stores.read_models, BY_NAME["billing_ledger"])
     [gone] = [d for d in report["discrepancies"] if d.get("table") == "ledger_entries"]
@@ -194,8 +194,8 @@ def test_verify_passes_then_names_each_tampered_row_and_event(
                  " 'UTF8') WHERE notification_id = %s").format(table)
     sql(audited, tamper, amount, forged, at)
     try:
-        report = verified(ledgercore, 1)
-        printed = ledgercore("verify", code=1).stdout
+        report = verified(run_cli, 1)
+        printed = run_cli("verify", code=1).stdout
     finally:
         sql(audited, tamper, forged, amount, at)
     chain = [d for d in report["discrepancies"] if d["check"] == "hash_chain"]
@@ -205,13 +205,13 @@ def test_verify_passes_then_names_each_tampered_row_and_event(
     assert any(d.get("table") == "ledger_entries" and d["columns"] == ["amount_minor"]
                and d["event"]["position"] == at for d in report["discrepancies"])
     assert str(entry["entry_id"]) in printed and f"explained by event {at}" in printed
-    assert verified(ledgercore, 0)["ok"]
+    assert verified(run_cli, 0)["ok"]
 
 
 # ---- export and offline verification -----------------------------------------------------
-def exported(ledgercore: Any, tmp_path: Path, *args: str, kind: str = "ndjson") -> Path:
+def exported(run_cli: Any, tmp_path: Path, *args: str, kind: str = "ndjson") -> Path:
     out = tmp_path / f"export-{len(list(tmp_path.iterdir()))}.{kind}"
-    summary = json.loads(ledgercore("export", "--format", kind, "--out", str(out), "--json",
+    summary = json.loads(run_cli("export", "--format", kind, "--out", str(out), "--json",
                                     *args).stdout)
     assert summary["file"] == str(out)
     return out
@@ -222,29 +222,29 @@ def entries_in_store(audited: Audited) -> int:
         return conn.execute("SELECT count(*) AS n FROM readmodels.ledger_entries").fetchone()["n"]
 
 
-def test_exports_verify_offline_and_periods_meet(audited: Audited, ledgercore: Any,
+def test_exports_verify_offline_and_periods_meet(audited: Audited, run_cli: Any,
                                                  tmp_path: Path) -> None:
-    whole = exported(ledgercore, tmp_path)
-    as_csv = exported(ledgercore, tmp_path, kind="csv")
+    whole = exported(run_cli, tmp_path)
+    as_csv = exported(run_cli, tmp_path, kind="csv")
     for path in (whole, as_csv):
-        report = json.loads(ledgercore("verify", "--offline", str(path), "--json").stdout)
+        report = json.loads(run_cli("verify", "--offline", str(path), "--json").stdout)
         assert report["ok"] and report["entries"] == entries_in_store(audited), report
     records = [json.loads(line) for line in whole.read_text().splitlines()]
     with as_csv.open(newline="") as handle:  # the same records (bar the export's time)
         rows = [from_csv_row(row) for row in csv.DictReader(handle)]
     assert [{**r, "exported_at": None} for r in rows] == \
         [{**r, "exported_at": None} for r in records]
-    text = ledgercore("verify", "--offline", str(whole)).stdout
+    text = run_cli("verify", "--offline", str(whole)).stdout
     assert "every chain holds" in text
 
     # two periods that meet: the first ends where the second starts, account by account
     moments = sorted({when for when, _ in audited.history.expected})
     middle = moments[len(moments) // 2]
-    first = exported(ledgercore, tmp_path, "--to", middle.isoformat())
-    second = exported(ledgercore, tmp_path, "--from", (middle + US).isoformat())
+    first = exported(run_cli, tmp_path, "--to", middle.isoformat())
+    second = exported(run_cli, tmp_path, "--from", (middle + US).isoformat())
     ends, starts, count = {}, {}, 0
     for path in (first, second):
-        assert json.loads(ledgercore("verify", "--offline", str(path), "--json").stdout)["ok"]
+        assert json.loads(run_cli("verify", "--offline", str(path), "--json").stdout)["ok"]
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if path == first and record["record"] == "account_end":
@@ -256,7 +256,7 @@ def test_exports_verify_offline_and_periods_meet(audited: Audited, ledgercore: A
     assert all(starts[a] == ends[a] for a in set(starts) & set(ends))
     assert any(set(starts) & set(ends)), "no account spans both periods"
     # the first period ends where a replay as of its last instant stands
-    then = json.loads(ledgercore("replay", "--as-of", middle.isoformat(), "--json").stdout)
+    then = json.loads(run_cli("replay", "--as-of", middle.isoformat(), "--json").stdout)
     closing = {r["account_id"]: r for r in map(json.loads, first.read_text().splitlines())
                if r["record"] == "account_end"}
     assert {a["account_id"]: (a["last_hash"], {c: v for c, v in a["balances"].items() if v})
@@ -265,13 +265,13 @@ def test_exports_verify_offline_and_periods_meet(audited: Audited, ledgercore: A
          for k, r in closing.items()}
 
     owner = audited.history.payers[0]
-    one = exported(ledgercore, tmp_path, "--account", str(owner))
-    report = json.loads(ledgercore("verify", "--offline", str(one), "--json").stdout)
+    one = exported(run_cli, tmp_path, "--account", str(owner))
+    report = json.loads(run_cli("verify", "--offline", str(one), "--json").stdout)
     assert report["ok"] and report["accounts"] == 1
 
 
-def lines_of(ledgercore: Any, tmp_path: Path) -> list[dict[str, Any]]:
-    path = exported(ledgercore, tmp_path)
+def lines_of(run_cli: Any, tmp_path: Path) -> list[dict[str, Any]]:
+    path = exported(run_cli, tmp_path)
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -289,8 +289,8 @@ def rehash(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_offline_verification_names_every_tampered_deleted_or_moved_entry(
-        ledgercore: Any, tmp_path: Path) -> None:
-    records = lines_of(ledgercore, tmp_path)
+        run_cli: Any, tmp_path: Path) -> None:
+    records = lines_of(run_cli, tmp_path)
     assert check(records).ok
     entries = [i for i, r in enumerate(records) if r["record"] == "entry"]
     assert len(entries) >= 20
@@ -322,8 +322,8 @@ FIELDS = {"entry_type": "forged", "currency": "JPY", "reference_type": "x",
 
 @pytest.mark.parametrize("field", sorted(FIELDS))
 def test_offline_verification_catches_a_change_to_any_field(
-        field: str, ledgercore: Any, tmp_path: Path) -> None:
-    records = lines_of(ledgercore, tmp_path)
+        field: str, run_cli: Any, tmp_path: Path) -> None:
+    records = lines_of(run_cli, tmp_path)
     entries = [i for i, r in enumerate(records) if r["record"] == "entry"]
     i = entries[len(entries) // 2]
     original = records[i]
@@ -335,9 +335,9 @@ def test_offline_verification_catches_a_change_to_any_field(
         assert original["entry_id"] in named(report), [str(f) for f in report.findings]
 
 
-def test_offline_verification_catches_insertions_and_cuts(ledgercore: Any,
+def test_offline_verification_catches_insertions_and_cuts(run_cli: Any,
                                                           tmp_path: Path) -> None:
-    records = lines_of(ledgercore, tmp_path)
+    records = lines_of(run_cli, tmp_path)
     entries = [i for i, r in enumerate(records) if r["record"] == "entry"]
     i = entries[3]
     entry = records[i]
@@ -363,8 +363,8 @@ def test_offline_verification_catches_insertions_and_cuts(ledgercore: Any,
 
 
 def test_offline_verification_of_a_tampered_csv_from_the_command_line(
-        ledgercore: Any, tmp_path: Path) -> None:
-    path = exported(ledgercore, tmp_path, kind="csv")
+        run_cli: Any, tmp_path: Path) -> None:
+    path = exported(run_cli, tmp_path, kind="csv")
     lines = path.read_text().splitlines()
     rows = list(csv_records(lines))
     j, entry = next((n, r) for n, r in rows if isinstance(r, dict) and r["record"] == "entry")
@@ -382,6 +382,6 @@ def test_offline_verification_of_a_tampered_csv_from_the_command_line(
     assert entry["entry_id"] in result.stdout and "tampered" in result.stdout
     deleted = tmp_path / "deleted.csv"
     deleted.write_text("\n".join(lines[:j - 1] + lines[j:]) + "\n")
-    report = json.loads(ledgercore("verify", "--offline", str(deleted), "--json", code=1).stdout)
+    report = json.loads(run_cli("verify", "--offline", str(deleted), "--json", code=1).stdout)
     assert any(d["problem"] == "missing" and d["entry_id"] == entry["entry_id"]
                for d in report["discrepancies"])
