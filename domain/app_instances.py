@@ -37,7 +37,8 @@ Everything that follows the instance's state is moved in the same save by one fu
 Admission (create, start, upgrade, and ``add`` operations) passes the same financial
 gate as allocations (``domain.admission.financial_gate``, on the payer: the user who
 created the instance). Commands answer JSON the API returns as is (``instance_json``,
-``member_json``, ``member_operation_json``, ``repair_operation_json``).
+``member_json``, ``member_operation_json``, ``repair_operation_json``, built in
+``domain.app_instance_views`` and importable from here).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ from eventsourcing.domain import Aggregate
 
 from domain.admission import financial_gate, personal_org_id
 from domain.allocations import Allocation, get_allocation
+from domain.app_instance_views import (instance_json, member_json, member_operation_json,
+                                       placement_json, repair_operation_json,
+                                       v3_operation_json)
 from domain.apps import (entitlement_of, get_app, newest_entitled_version, require_entitled)
 from domain.billing import account_id_for
 from domain.commands import Command, Render, Session
@@ -545,79 +549,6 @@ def report_effect(instance: AppInstance, reported: str) -> str | None:
         teardown_end = reported in GONE
         return "move" if teardown_end == instance.failed_teardown else None
     return "move"
-
-
-# ---- JSON (the contract's schemas) --------------------------------------------------------
-def placement_json(intent: dict[str, Any] | None) -> dict[str, Any]:
-    """``AppInstancePlacementIntent`` with every key (nulls and empty lists)."""
-    intent = intent or {}
-    return {"target_allocation_id": intent.get("target_allocation_id"),
-            "controller_allocation_id": intent.get("controller_allocation_id"),
-            "worker_allocation_ids": list(intent.get("worker_allocation_ids") or []),
-            "server_allocation_id": intent.get("server_allocation_id"),
-            "agent_allocation_ids": list(intent.get("agent_allocation_ids") or []),
-            "allow_shared_allocation": bool(intent.get("allow_shared_allocation", False))}
-
-
-def instance_json(instance: AppInstance) -> dict[str, Any]:
-    """``AppInstance`` (every key emitted; ``proxy_routes`` are out of scope: ``[]``)."""
-    spec, runtime = instance.spec, instance.runtime
-    return {"id": str(instance.id), "resource_name": spec["resource_name"],
-            "project_id": spec["project_id"], "app_slug": spec["app_slug"],
-            "app_version": instance.app_version, "display_name": spec["display_name"],
-            "app_artifact_id": spec.get("app_artifact_id"),
-            "operating_mode": spec["operating_mode"],
-            "control_plane_scope": spec["control_plane_scope"],
-            "runtime_backend": spec["runtime_backend"],
-            "tenant_boundary_mode": spec["tenant_boundary_mode"], "status": instance.status,
-            "failure_reason": instance.failure_reason,
-            "requested_by_user_id": spec.get("requested_by_user_id"),
-            "requested_by_service_account_id": spec.get("requested_by_service_account_id"),
-            "operator_service_account_id": spec.get("operator_service_account_id"),
-            "placement_intent": placement_json(spec.get("placement_intent")),
-            "runtime_state": dict(runtime["runtime_state"] or {}), "phase": runtime["phase"],
-            "progress": dict(runtime["progress"] or {}), "health_status": runtime["health_status"],
-            "health_detail": dict(runtime["health_detail"] or {}), "proxy_routes": [],
-            "created_at": iso(instance.created_on), "updated_at": iso(instance.modified_on)}
-
-
-def member_json(member: dict[str, Any]) -> dict[str, Any]:
-    """``AppInstanceMember``."""
-    keys = ("id", "app_instance_id", "component_key", "member_role", "status", "bound_node_id",
-            "bound_node_resource_name", "bound_allocation_id", "runtime_state", "health_status",
-            "health_detail", "endpoint", "last_operation_id", "last_correlation_id",
-            "adapter_detail", "created_at", "updated_at")
-    return {k: member.get(k) for k in keys}
-
-
-def member_operation_json(operation: dict[str, Any]) -> dict[str, Any]:
-    """``AppInstanceMemberOperation``."""
-    keys = ("id", "app_instance_id", "action", "component_key", "target_member_id",
-            "requested_count", "allocation_intent", "status", "correlation_id",
-            "requested_by_user_id", "requested_by_service_account_id", "last_error_code",
-            "last_error_message", "created_at", "updated_at", "started_at", "completed_at")
-    return {k: operation.get(k) for k in keys}
-
-
-def repair_operation_json(operation: dict[str, Any]) -> dict[str, Any]:
-    """``AppInstanceRepairOperation`` (it echoes neither ``dry_run`` nor ``reason``)."""
-    keys = ("id", "app_instance_id", "action", "scope", "target_member_id", "component_key",
-            "status", "phase", "progress", "correlation_id", "requested_by_user_id",
-            "requested_by_service_account_id", "last_error_code", "last_error_message",
-            "created_at", "updated_at", "started_at", "completed_at")
-    body = {k: operation.get(k) for k in keys}
-    body["steps"] = [dict(step) for step in operation["steps"]]
-    return body
-
-
-def v3_operation_json(result: dict[str, Any]) -> dict[str, Any]:
-    """``V3AppInstanceOperationResponse`` from a stop/start/restart/decommission result."""
-    cid, task = result["correlation_id"], result["task_id"]
-    return {"app_instance": result["app_instance"], "operation": result["operation"],
-            "correlation_id": cid,
-            "evidence_href": f"/api/v1/project/evidence/audit?correlation_id={cid}",
-            "task_href": f"/api/v1/tasks/{task}" if task else None,
-            "audit_action": f"app.instance.{result['operation']}"}
 
 
 # ---- refusals ---------------------------------------------------------------------------------
@@ -1173,6 +1104,26 @@ def complete_stop(ctx: CommandContext, *, app_instance_id: UUID, render: Render)
                      operation="complete_stop", render=render, via="internal")
 
 
+def stop_app_instance(ctx: CommandContext, *, app_instance_id: UUID, project_id: UUID | None,
+                      render: Render, via: str = "project_path") -> Command:
+    """``stopAppInstance`` / ``stopV3AppInstance`` as served: the stop and its completion
+    (``complete_stop``) in one save. Nothing the platform does for a stop is
+    asynchronous (claims are released and meters closed in the save), and adapters
+    cannot report ``stopped`` (§8 Q1), so the instance passes ``stopping`` and answers
+    ``stopped``; the adapter, polling, tears its runtime down on either status. The
+    result is the stop's (its task), with the instance as completed."""
+    request = lifecycle(ctx, app_instance_id=app_instance_id, project_id=project_id,
+                        operation="stop", render=render, via=via)
+    completion = complete_stop(ctx, app_instance_id=app_instance_id, render=render)
+
+    def decide(ctx: CommandContext, session: Session) -> tuple[list[Any], dict[str, Any]]:
+        changed, result = request.decide(ctx, session)
+        more, completed = completion.decide(ctx, session)
+        return _unique([*changed, *more]), {**result, "app_instance": completed["app_instance"]}
+
+    return Command(ctx, decide, render)
+
+
 # ---- reports ------------------------------------------------------------------------------------
 def _runtime_changes(current: dict[str, Any], report: dict[str, Any],
                      fields: tuple[str, ...] = RUNTIME_FIELDS) -> dict[str, Any]:
@@ -1693,7 +1644,7 @@ def mark_allocation_released(ctx: CommandContext, *, allocation_id: UUID,
 
 
 __all__ = ["AppInstance", "ProjectAppQuota", "AllocationAppUse", "create_app_instance",
-           "lifecycle", "complete_stop", "report_app_instance", "report_member",
+           "lifecycle", "complete_stop", "stop_app_instance", "report_app_instance", "report_member",
            "create_member_operation", "report_member_operation", "create_repair_operation",
            "report_repair_operation", "on_allocation_released", "mark_allocation_released",
            "instance_json", "member_json", "member_operation_json", "repair_operation_json",

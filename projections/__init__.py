@@ -8,6 +8,7 @@ May import: ``domain`` (events and value types only), ``eventsourcing`` and
 
 from projections.allocations import Allocations
 from projections.apps import Apps
+from projections.app_instances import AppInstances
 from projections.audit_logs import AuditLogs
 from projections.billing_ledger import BillingLedger
 from projections.budgets import Budgets
@@ -25,5 +26,5 @@ from projections.workloads import Workloads
 #: every read model, in the order a batch applies them
 ALL = (BillingLedger(), Payments(), Restrictions(), Inventory(), Usage(), Refunds(),
        Disputes(), ReconciliationRuns(), FinanceAudit(), Invoices(), Budgets(), Allocations(),
-       Workloads(), Apps(), AuditLogs())
+       Workloads(), AppInstances(), Apps(), AuditLogs())
 BY_NAME = {projection.name: projection for projection in ALL}
