@@ -10,10 +10,12 @@ Commands decide only from aggregates (never from read models). Two ways to run o
   saves all their events in ONE transaction (group commit). If that save conflicts
   with another writer, nothing was written: the batch is decided again from the
   store (up to ``BATCH_ATTEMPTS`` times), then each command alone through
-  ``execute``. The writer keeps saved aggregates warm in a cache; a save's version
-  check catches a stale one, and before a refusal decided from cached state (which
-  saves nothing, so no save checks it) is answered, the cached versions are checked
-  against the store; if one moved, the whole batch is decided again.
+  ``execute``; if the database refuses the save for another reason (reachable, but a
+  trigger or constraint rejects one command's events), each command is decided again
+  alone, so only that one fails. The writer keeps saved aggregates warm in a cache; a
+  save's version check catches a stale one, and before a refusal decided from cached
+  state (which saves nothing, so no save checks it) is answered, the cached versions
+  are checked against the store; if one moved, the whole batch is decided again.
 
 Either way a command's events, and its idempotency record, are saved atomically.
 """
@@ -32,7 +34,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 from eventsourcing.postgres import PostgresDatastore
 from psycopg.sql import SQL, Identifier
 
@@ -233,6 +235,15 @@ class Ledgercore(Application[UUID]):
             except IntegrityError:
                 # Another writer got there first. Nothing of this batch was written.
                 self._decide_again(batch, session, attempt)
+                return
+            except Exception as error:
+                self.cache.clear()
+                if len(batch) == 1 or isinstance(error, (OperationalError, InterfaceError)):
+                    raise
+                # The database refused the transaction (a constraint, a trigger, a value
+                # it cannot store): nothing of the batch was written. Decide each command
+                # again alone, so only the one it refuses fails.
+                self._decide_one_by_one(batch)
                 return
             except BaseException:
                 self.cache.clear()
