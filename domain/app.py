@@ -44,6 +44,7 @@ from domain.inventory import NodeInventory
 from domain.invoices import Invoice
 from domain.commands import AggregateCache, Command, Outcome, Session, run_decision
 from domain.errors import ConcurrentUpdate, IdempotencyKeyReused
+from domain.faults import double_apply, double_apply_flag
 from domain.idempotency import IdempotencyRecord, record_id_for
 
 log = logging.getLogger("ledgercore.commands")
@@ -72,6 +73,13 @@ class Ledgercore(Application[UUID]):
         self.batches = 0
         self.batched_commands = 0
         self.conflicted_batches = 0
+        #: test-only (domain/faults.py); None unless LEDGERCORE_FAULT_DOUBLE_APPLY is set
+        self.fault_double_apply = double_apply_flag(self.env)
+
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        if self.fault_double_apply:
+            double_apply(objs, self.fault_double_apply)
+        return super().save(*objs, **kwargs)
 
     def get_or_none(self, aggregate_id: UUID) -> Any | None:
         try:

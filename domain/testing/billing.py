@@ -1,10 +1,17 @@
-"""Reference model of the billing ledger and its invariants (billing-ledger §4)."""
+"""Reference model of the billing ledger and its invariants (billing-ledger §4: balances
+per currency are the sum of their entries, never negative, never past int64; entries
+are append-only along a hash chain; an idempotency key answers its first answer).
+
+``observe(app, owners)`` reads the real accounts of ``owners`` (aggregates and their
+entry events) into the plain dict ``check_invariants(model, live)`` compares."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
+from domain.billing import BillingAccount, account_id_for, entry_record, verify_chain
 from domain.money import INT64_MAX
 
 
@@ -39,8 +46,32 @@ class ReferenceLedger:
             self.answers[key] = (fingerprint, answer)
         return answer
 
+    def post(self, owner: str, currency: str, signed: int) -> None:
+        """A movement from elsewhere (a payment's credit): always accepted."""
+        self.balances[(owner, currency)] = self.balance(owner, currency) + signed
+        self.entries.append((owner, currency, signed))
+
     def owners(self) -> set[str]:
         return {owner for owner, _ in self.balances}
+
+
+def observe(app: Any, owners: Any) -> dict[str, Any]:
+    """The accounts of ``owners`` (user ids) in ``app`` (a ``domain.app.Ledgercore`` on
+    any persistence) as ``check_invariants`` reads them."""
+    balances: dict[tuple[str, str], int] = {}
+    entries: list[tuple[str, str, int]] = []
+    problems: list[str] = []
+    for owner in owners:
+        account = app.billing_account(UUID(str(owner)))
+        if account is None:
+            continue
+        for currency, amount in account.balances.items():
+            balances[(str(owner), currency)] = amount
+        events = [e for e in app.events.get(account_id_for(UUID(str(owner))))
+                  if isinstance(e, BillingAccount.LedgerEntryPosted)]
+        entries += [(str(owner), e.currency, e.amount_minor) for e in events]
+        problems += verify_chain(account.id, [entry_record(e) for e in events])
+    return {"balances": balances, "entries": entries, "chain_problems": problems}
 
 
 def check_invariants(model: ReferenceLedger, live: dict[str, Any]) -> None:

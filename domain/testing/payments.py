@@ -1,9 +1,17 @@
-"""Reference model of payment sessions and their credits (billing-ledger §4, 4–5)."""
+"""Reference model of payment sessions and their credits (billing-ledger §4, 4–5: a
+session is credited at most once, whatever the provider redelivers or reorders, and
+only with the amount the provider collected or an operator's override).
+
+``observe(app, model, users)`` reads the real sessions and accounts into the plain dict
+``check_invariants(model, live)`` compares."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
+
+from domain.billing import BillingAccount
 
 
 @dataclass
@@ -73,9 +81,31 @@ class ReferencePayments:
         return out
 
 
+def observe(app: Any, model: ReferencePayments, users: Any) -> dict[str, Any]:
+    """The model's sessions and the accounts of ``users`` in ``app`` (any persistence)."""
+    sessions, credits, balances = {}, {}, {}
+    for session_id in model.sessions:
+        payment = app.get_or_none(UUID(session_id))
+        assert payment is not None, f"session {session_id} does not exist"
+        sessions[session_id] = (payment.status, payment.credited_amount
+                                if payment.status == "credited" else None)
+    for user in users:
+        account = app.billing_account(UUID(str(user)))
+        if account is None:
+            continue
+        for event in app.events.get(account.id):
+            if isinstance(event, BillingAccount.PaymentCredited):
+                key = str(event.payment_session_id)
+                credits[key] = credits.get(key, 0) + 1
+        for currency, amount in account.balances.items():
+            balances[(str(user), currency)] = amount
+    return {"sessions": sessions, "credits": credits, "balances": balances}
+
+
 def check_invariants(model: ReferencePayments, live: dict[str, Any]) -> None:
     """``live``: ``{"sessions": {id: (status, credited or None)}, "credits": {id: count},
-    "balances": {(user, ccy): amount}}`` for the model's sessions and users."""
+    "balances": {(user, ccy): amount}}`` for the model's sessions and users (``balances``
+    None: the accounts also move otherwise, and the whole system's ledger checks them)."""
     for session_id, s in model.sessions.items():
         status, credited = live["sessions"][session_id]
         assert status == s.status, f"session {session_id}: {status} != {s.status}"
@@ -84,5 +114,7 @@ def check_invariants(model: ReferencePayments, live: dict[str, Any]) -> None:
             f"session {session_id} has {count} payment credits in state {status}"
         if s.status == "credited":
             assert credited == s.credited, f"session {session_id} credited {credited} != {s.credited}"
+    if live.get("balances") is None:  # checked by a ledger that sees every movement
+        return
     live_balances = {k: v for k, v in live["balances"].items() if v}
     assert live_balances == model.balances(), f"{live_balances} != {model.balances()}"

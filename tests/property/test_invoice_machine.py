@@ -1,9 +1,9 @@
 """Invoices under a moving clock: meters open, rate, tick and close across month ends;
 months close, invoices are paid (in part, in full, too much), voided and re-issued;
 prices change. After every step the invoice aggregates are checked against a small
-reference model (which invoice each rated line must be on) and the invariants of
-billing-ledger §4.12–13: every rated line is on exactly one invoice that is not void,
-an invoice's total is the sum of its lines, a line's amount is the rated amount, lines
+reference model (``domain.testing.invoices``: which invoice each rated line must be
+on) and the invariants of billing-ledger §4.12–13: every rated line is on exactly one
+invoice that is not void, an invoice's total is the sum of its lines, a line's amount is the rated amount, lines
 never change once finalized (the finalized digest still matches), ``paid`` means the
 payments equal the total, and the status only moves along the allowed edges. In
 memory, on the library's POPO persistence."""
@@ -11,8 +11,6 @@ memory, on the library's POPO persistence."""
 from __future__ import annotations
 
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -24,7 +22,8 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 from domain import invoices, skus, usage
 from domain.app import Ledgercore
 from domain.errors import DomainError
-from domain.invoices import NO_ORG, Invoice, Period, invoice_id_for, lines_digest, natural_period
+from domain.invoices import NO_ORG, Period, invoice_id_for
+from domain.testing.invoices import Key, ReferenceInvoices, check_invariants, observe
 from domain.provenance import CommandContext
 
 #: two hours into a month: meters opened back-dated start in the month before (ended,
@@ -37,9 +36,6 @@ BACK = st.integers(0, 96).map(lambda h: h * HOUR) | st.integers(0, 96 * HOUR)
 FIRST_MONTH = Period.of(T0 - timedelta(days=4))
 #: microseconds: up to 36 hours at random, or whole days (months end every few steps)
 STEPS = st.integers(0, 36 * 3600 * 10**6) | st.integers(0, 31).map(lambda d: d * 86400 * 10**6)
-EDGES = {"draft": {"draft", "issued", "paid"},
-         "issued": {"issued", "partially_paid", "paid", "void"},
-         "partially_paid": {"partially_paid", "paid"}, "paid": {"paid"}, "void": {"void"}}
 
 
 def render(result: Any) -> dict[str, Any]:
@@ -55,71 +51,6 @@ def spec(price: int) -> dict[str, Any]:
             "unit_price": {"amount_minor": price, "currency": "USD"}}
 
 
-@dataclass
-class ModelInvoice:
-    status: str = "draft"
-    lines: list[tuple[str, int]] = field(default_factory=list)  # (rated line id, amount)
-    applied: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(amount for _, amount in self.lines)
-
-
-Key = tuple[uuid.UUID, uuid.UUID, str]  # (payer, org, month)
-
-
-@dataclass
-class ReferenceInvoices:
-    """Which invoice each line must land on, decided independently of the domain."""
-
-    revisions: dict[Key, list[ModelInvoice]] = field(default_factory=dict)
-    closed: set[str] = field(default_factory=set)
-
-    def current(self, key: Key) -> ModelInvoice | None:
-        revs = self.revisions.get(key)
-        return revs[-1] if revs else None  # a void one is always followed by its re-issue
-
-    def place(self, owner: uuid.UUID, org: uuid.UUID, bill_to: datetime, line_id: str,
-              amount: int) -> str:
-        period = natural_period(bill_to)
-        while True:
-            key = (owner, org, period.key)
-            current = self.current(key)
-            if current is None and period.key not in self.closed:
-                current = ModelInvoice()
-                self.revisions[key] = [current]
-            if current is not None and current.status == "draft":
-                current.lines.append((line_id, amount))
-                return period.key
-            period = period.next()
-
-    def close(self, month: str) -> None:
-        self.closed.add(month)
-        for (_, _, period), revs in self.revisions.items():
-            if period == month and revs[-1].status == "draft":
-                revs[-1].status = "paid" if revs[-1].total == 0 else "issued"
-
-    def pay(self, key: Key, amount: int) -> str | None:
-        """The refusal the domain must answer, or None (and the payment is applied)."""
-        current = self.current(key)
-        if current.status not in ("issued", "partially_paid"):
-            return "invoice_not_payable"
-        if current.applied + amount > current.total:
-            return "invoice_overpayment"
-        current.applied += amount
-        current.status = "paid" if current.applied == current.total else "partially_paid"
-        return None
-
-    def void(self, key: Key) -> str | None:
-        current = self.current(key)
-        if current.status != "issued":
-            return "invoice_not_voidable"
-        current.status = "void"
-        self.revisions[key].append(ModelInvoice(lines=list(current.lines)))
-        return None
-
-
 class InvoiceMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -131,9 +62,6 @@ class InvoiceMachine(RuleBasedStateMachine):
         self.orgs = [uuid.UUID(int=(2 << 64) + n) for n in range(2)] + [None]
         self.allocations = 0
         self.records: dict[str, datetime] = {}  # record id -> start
-        self.rated: dict[str, int] = {}  # rated line id -> amount, as rated
-        self.frozen: dict[uuid.UUID, tuple[Any, ...]] = {}
-        self.statuses: dict[uuid.UUID, str] = {}
         self.run(skus.create_sku, sku="gpu", spec=spec(300))
         self.run(skus.create_sku, sku="free", spec=spec(0))  # zero lines, zero invoices
 
@@ -150,7 +78,6 @@ class InvoiceMachine(RuleBasedStateMachine):
             org = uuid.UUID(line["org_id"]) if line["org_id"] else NO_ORG
             self.model.place(uuid.UUID(str(line["requested_by_user_id"])), org,
                              line["bill_to"], str(line["id"]), line["amount_minor"])
-            self.rated[str(line["id"])] = line["amount_minor"]
 
     def months(self) -> list[Period]:
         months, month = [], FIRST_MONTH
@@ -300,58 +227,9 @@ class InvoiceMachine(RuleBasedStateMachine):
         assert answer == {"error": "invoice_not_found", "kind": "not_found"}
 
     # ---- invariants ----------------------------------------------------------------
-    def real_invoices(self) -> dict[tuple[Key, int], Invoice]:
-        """The invoice of every revision the model has, and none after the last one.
-        (An invoice the model lacks elsewhere would hold a line, so the model's
-        invoice of that line would miss it.)"""
-        found = {}
-        for key, revs in self.model.revisions.items():
-            for revision in range(len(revs) + 1):
-                invoice = self.app.get_or_none(invoice_id_for(key[0], key[1], "USD", key[2],
-                                                              revision))
-                assert (invoice is None) == (revision == len(revs))
-                if invoice is not None:
-                    found[(key, revision)] = invoice
-        return found
-
     @invariant()
     def invoices_match_the_model_and_hold_the_invariants(self) -> None:
-        real = self.real_invoices()
-        expected = {(key, r): m for key, revs in self.model.revisions.items()
-                    for r, m in enumerate(revs)}
-        assert set(real) == set(expected)
-        on_invoices: Counter[str] = Counter()
-        for where, invoice in real.items():
-            model = expected[where]
-            lines = [(l["rated_usage_line_id"], l["amount_minor"]) for l in invoice.lines]
-            assert lines == model.lines and invoice.status == model.status
-            assert invoice.total_minor == sum(a for _, a in lines) == model.total
-            assert invoice.applied_minor == model.applied <= invoice.total_minor
-            assert (invoice.status == "paid") == (invoice.status != "void"
-                                                  and invoice.finalized_at is not None
-                                                  and invoice.applied_minor == invoice.total_minor)
-            for line_id, amount in lines:  # never revalued: what was rated
-                assert self.rated[line_id] == amount
-            assert invoice.status in EDGES[self.statuses.get(invoice.id, "draft")]
-            self.statuses[invoice.id] = invoice.status
-            if invoice.status != "draft":
-                snapshot = (invoice.lines, invoice.total_minor)
-                assert self.frozen.setdefault(invoice.id, snapshot) == snapshot
-                finalized = [e for e in self.app.events.get(invoice.id)
-                             if isinstance(e, Invoice.Finalized)]
-                assert len(finalized) == 1
-                assert finalized[0].lines_digest == lines_digest(invoice.lines)
-                assert finalized[0].total_minor == invoice.total_minor
-            if invoice.status != "void":
-                on_invoices.update(line_id for line_id, _ in lines)
-        # every rated line is on exactly one invoice that is not void
-        assert on_invoices == Counter(list(self.rated))
-        assert set(self.rated) == self.lines_of_records()
-
-    def lines_of_records(self) -> set[str]:
-        return {str(e.rated_usage_line_id) for rid in self.records
-                for e in self.app.events.get(uuid.UUID(rid))
-                if isinstance(e, usage.UsageRecord.SliceRated)}
+        check_invariants(self.model, observe(self.app, self.model, list(self.records)))
 
 
 TestInvoiceMachine = InvoiceMachine.TestCase

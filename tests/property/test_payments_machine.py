@@ -11,13 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from domain.app import Ledgercore
-from domain.billing import BillingAccount
 from domain.errors import DomainError
 from domain.money import Money
 from domain.payments import (PaymentSession, checkout_event, create_charge_session,
                              reconcile_payment_session)
 from domain.provenance import CommandContext
-from domain.testing.payments import ReferencePayments, check_invariants
+from domain.testing.payments import ReferencePayments, check_invariants, observe
 from domain.testing.strategies import currencies
 
 
@@ -84,23 +83,7 @@ class PaymentsMachine(RuleBasedStateMachine):
 
     @invariant()
     def matches_the_model(self) -> None:
-        sessions, credits, balances = {}, {}, {}
-        for session_id in self.model.sessions:
-            payment = self.app.get_or_none(uuid.UUID(session_id))
-            sessions[session_id] = (payment.status, payment.credited_amount
-                                    if payment.status == "credited" else None)
-        for user in self.users:
-            account = self.app.billing_account(user)
-            if account is None:
-                continue
-            for event in self.app.events.get(account.id):
-                if isinstance(event, BillingAccount.PaymentCredited):
-                    key = str(event.payment_session_id)
-                    credits[key] = credits.get(key, 0) + 1
-            for currency, amount in account.balances.items():
-                balances[(str(user), currency)] = amount
-        check_invariants(self.model, {"sessions": sessions, "credits": credits,
-                                      "balances": balances})
+        check_invariants(self.model, observe(self.app, self.model, self.users))
         assert all(isinstance(self.app.get_or_none(uuid.UUID(s)), PaymentSession)
                    for s in self.model.sessions)
 
