@@ -3,10 +3,11 @@ after every step against the kit's reference model (``domain.testing.billing``).
 
 ``InMemoryBillingMachine`` runs on the library's in-memory persistence (fast, many
 examples); ``PostgresBillingMachine`` runs the same rules on the real event store and
-also checks the read model after catch-up."""
+also checks the read model, kept by a direct projector the machine restarts mid-run."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import Future
 from datetime import timezone
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from consumers.direct import catch_up
+from consumers.direct import SOURCE, DirectProjector, catch_up
 from domain.app import Ledgercore
 from domain.billing import account_id_for, adjust_balance, verify_chain
 from domain.canonical import canonical_json
@@ -105,14 +106,49 @@ def pg_stores(shared_database: Any, services: Any) -> Any:
     stores.close()
 
 
-def test_postgres_billing_machine_and_read_model(pg_stores: Any) -> None:
+def caught_up(stores: Any, timeout: float = 15.0) -> None:
+    """Wait until the running projector has applied everything the log holds now."""
+    head = stores.app.recorder.max_notification_id() or 0
+    deadline = time.monotonic() + timeout
+    while min(stores.read_models.tracked(p.name, SOURCE)
+              for p in stores.read_models.projections) < head:
+        assert time.monotonic() < deadline, "the projector did not catch up"
+        time.sleep(0.02)
+
+
+def test_postgres_billing_machine_and_read_model(pg_stores: Any, shared_database: Any) -> None:
+    """The read model is kept by a real direct projector that the machine stops and
+    restarts between (and so around) commands, or by a catch-up while it is stopped:
+    after each step it equals the reference model either way."""
+
     class PostgresBillingMachine(BillingMachine):
         def make_app(self) -> Ledgercore:
             return pg_stores.app
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.projector: DirectProjector | None = None
+
+        def teardown(self) -> None:
+            if self.projector is not None:
+                self.projector.stop()
+
+        @rule(run=st.booleans())
+        def restart_projector(self, run: bool) -> None:
+            if self.projector is not None:
+                self.projector.stop()
+                self.projector = None
+            if run:
+                self.projector = DirectProjector(pg_stores.app, pg_stores.read_models,
+                                                 shared_database.dsn, idle_seconds=0.05).start()
+
         @invariant()
         def read_model_agrees_after_catch_up(self) -> None:
-            catch_up(pg_stores.app, pg_stores.read_models)
+            if self.projector is None:
+                catch_up(pg_stores.app, pg_stores.read_models)
+            else:
+                self.projector.poke()
+                caught_up(pg_stores)
             users = [u for u in self.users]
             with pg_stores.query_pool.connection() as conn:
                 rows = conn.execute(
