@@ -280,7 +280,9 @@ def test_rated_lines_list_detail_and_match_the_ledger(env: Env, seeded: Seeded,
         assert line["unit_quantity_millis"] == 2 * 3_600_000 and line["units"] == 2
         assert line["unit_price"] == {"amount_minor": 300, "currency": "USD"}
         assert line["org_id"] == str(seeded.org) and line["fx_snapshot"] is None
-        assert line["pricing_source"] == "sku_unit_price" and line["invoice_id"] is None
+        assert line["pricing_source"] == "sku_unit_price"
+        # each rated line is on its month's draft invoice from the moment it is rated
+        assert all(l["invoice_id"] and l["invoice_line_id"] for l in lines)
         assert line["pricing_snapshot"]["rounding"] == "ROUND_HALF_EVEN"
         assert env.get(http, token, RATED, usage_record_id=r["other"]).json()["items"] == []
 
