@@ -189,6 +189,15 @@ class Ledgercore(Application[UUID]):
                 return
 
     def _write_batch(self, batch: list[tuple[Command, Future[Outcome]]], attempt: int = 1) -> None:
+        try:
+            self._decide_and_save(batch, attempt)
+        except BaseException:
+            # The batch's decisions changed cached aggregates in place; unsaved, they
+            # must never reach a later batch (which would save them with its own events).
+            self.cache.clear()
+            raise
+
+    def _decide_and_save(self, batch: list[tuple[Command, Future[Outcome]]], attempt: int) -> None:
         session = Session(self, self.cache)
         reads = {i for command, _ in batch for i in command.reads}
         reads |= {record_id_for(c.ctx.idempotency.scope) for c, _ in batch if c.ctx.idempotency}

@@ -99,3 +99,30 @@ def test_a_refusal_is_never_decided_from_a_stale_cache(app: Ledgercore) -> None:
     [future] = run_batch(app, [command(user, "debit", 15)])
     assert future.result().response == {"answer": "ok"}
     assert app.billing_account(user).balances == {"USD": 0}
+
+
+def test_a_batch_that_fails_before_its_save_leaves_nothing_behind(
+        app: Ledgercore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store fails while a batch is being decided (here: the freshness check behind
+    a refusal), after an earlier command of the batch changed the cached account. That
+    change was never saved and must not be saved by a later batch: the client retries
+    the command with its key and it is applied exactly once."""
+    from eventsourcing.persistence import OperationalError
+
+    user = uuid.uuid4()
+    run_batch(app, [command(user, "credit", 100)])[0].result()
+
+    def store_down(session: Any) -> bool:
+        raise OperationalError("the event store went away")
+
+    monkeypatch.setattr(app, "_still_current", store_down)
+    with pytest.raises(OperationalError):
+        run_batch(app, [command(user, "credit", 10, key="a"), command(user, "debit", 10**9)])
+    monkeypatch.undo()
+
+    assert run_batch(app, [command(user, "credit", 1)])[0].result().response == {"answer": "ok"}
+    retried = run_batch(app, [command(user, "credit", 10, key="a")])[0].result()
+    assert retried.response == {"answer": "ok"} and not retried.replayed
+    assert app.billing_account(user).balances == {"USD": 111}
+    stored = app.recorder.select_events(app.billing_account(user).id)
+    assert [e.originator_version for e in stored] == list(range(1, len(stored) + 1))
