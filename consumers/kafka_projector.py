@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from eventsourcing.persistence import Mapper
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
@@ -34,6 +36,8 @@ from projections import dead_letters as dl
 from projections.store import Item, ReadModelStore
 
 log = logging.getLogger("ledgercore.kafka_projector")
+#: how often an idle projector checks that its partitions still hold its offsets
+OFFSET_CHECK_SECONDS = 5.0
 
 
 def source_name(topic: str, partition: int) -> str:
@@ -77,6 +81,7 @@ class KafkaProjector:
                                  client_id="ledgercore-projector-dlq")
         self.heartbeat = Heartbeat(store, f"projector:kafka:{group_id}")
         self._stop = threading.Event()
+        self._next_offset_check = 0.0
 
     def run_once(self, timeout_ms: int = 200) -> int:
         retry_requeued(self.store, self.mapper)
@@ -84,8 +89,30 @@ class KafkaProjector:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         for partition, messages in polled.items():
             applied += self._apply(partition, messages)
+        if not polled and time.monotonic() >= self._next_offset_check:
+            self._next_offset_check = time.monotonic() + OFFSET_CHECK_SECONDS
+            self._rewind_truncated()
         self.heartbeat.beat(caught_up=not polled)
         return applied
+
+    def _rewind_truncated(self) -> None:
+        """A partition whose log now ends before our position was replaced under us (a
+        broker that lost its log): read it again from its start. Tracking skips what
+        was applied already, so nothing is applied twice; waiting at the old offset
+        would wait forever."""
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return
+        try:
+            ends = self.consumer.end_offsets(assigned)
+            for partition in assigned:
+                position = self.consumer.position(partition)
+                if position is not None and position > ends.get(partition, position):
+                    log.warning("%s ends at %s before our offset %s: reading it again",
+                                partition, ends[partition], position)
+                    self.consumer.seek_to_beginning(partition)
+        except KafkaError:
+            log.warning("cannot read the end offsets; trying again later", exc_info=True)
 
     def _apply(self, partition: TopicPartition, messages: list[Any]) -> int:
         items: list[Item] = []
