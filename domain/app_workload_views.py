@@ -27,7 +27,7 @@ from domain.inventory import restore
 from domain.skus import iso
 from domain.usage import UsageRecord
 from domain.workload_views import (RECOVERY_WINDOW, OwnerFunds, _item, _readiness,
-                                   cost_projection, parse)
+                                   cost_projection, operator_state, parse)
 
 #: the V3 catalog kinds (``domain.app_catalog_views.app_kind``) that are workload kinds
 #: of their own; the rest are ``app`` (§4.3)
@@ -346,13 +346,9 @@ def app_workload_json(state: dict[str, Any], steps: list[dict[str, Any]], *, now
         "connection_facts": {"hostname": None, "ip_address": None, "ssh_command": None,
                              "terminal_href": None, "app_url": None},
         "lifecycle_actions": lifecycle_actions(state, steps),
-        "operator_state": {
-            "active": actionable, "attention_key": f"app_instance.{status}:{app_id}"
-            if actionable else None, "signal_key": None, "target_type": "app_instance",
-            "target_id": app_id, "action_family": "app_recovery" if required else None,
-            "attention_reason": reason, "review_required": required, "review_state": "open",
-            "ack_fingerprint": None, "ack_state": "none", "ack_reason": None,
-            "ack_expires_at": None, "ack_actor": None, "ack_updated_at": None},
+        "operator_state": operator_state("app_instance", app_id, status, family="app_recovery",
+                                         actionable=actionable, required=required,
+                                         reason=reason),
     }
 
 

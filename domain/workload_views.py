@@ -313,14 +313,23 @@ def compute_workload_json(state: dict[str, Any], steps: list[dict[str, Any]], *,
         "primary_action": PRIMARY_ACTION.get(status, "none"),
         "connection_facts": connection_facts(state),
         "lifecycle_actions": lifecycle_actions(state, steps),
-        "operator_state": {
-            "active": actionable, "attention_key": f"allocation.{status}:{allocation_id}"
-            if actionable else None, "signal_key": None, "target_type": "allocation",
-            "target_id": allocation_id, "action_family": "compute_recovery" if required else None,
-            "attention_reason": reason, "review_required": required, "review_state": "open",
-            "ack_fingerprint": None, "ack_state": "none", "ack_reason": None,
-            "ack_expires_at": None, "ack_actor": None, "ack_updated_at": None},
+        "operator_state": operator_state("allocation", allocation_id, status,
+                                         family="compute_recovery", actionable=actionable,
+                                         required=required, reason=reason),
     }
+
+
+def operator_state(target_type: str, target_id: str, status: str, *, family: str,
+                   actionable: bool, required: bool, reason: str | None) -> dict[str, Any]:
+    """A row's ``operator_state``: attention while it is actionable, never acknowledged."""
+    return {
+        "active": actionable,
+        "attention_key": f"{target_type}.{status}:{target_id}" if actionable else None,
+        "signal_key": None, "target_type": target_type, "target_id": target_id,
+        "action_family": family if required else None, "attention_reason": reason,
+        "review_required": required, "review_state": "open", "ack_fingerprint": None,
+        "ack_state": "none", "ack_reason": None, "ack_expires_at": None, "ack_actor": None,
+        "ack_updated_at": None}
 
 
 def action_band_item(state: dict[str, Any]) -> dict[str, Any]:

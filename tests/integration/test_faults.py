@@ -34,6 +34,8 @@ from tests.harness import ServerThread, bearer, client
 #: how many times Postgres is restarted under load, and the load between restarts (s)
 RESTARTS = int(env_number("LEDGERCORE_FAULT_RESTARTS", 2))
 LOAD_SECONDS = env_number("LEDGERCORE_FAULT_SECONDS", 3)
+#: how long Postgres stays down at each restart
+OUTAGE_SECONDS = 3.0
 #: SIGKILLs of the relay and of the projector under load (each)
 KILLS = int(env_number("LEDGERCORE_FAULT_KILLS", 3))
 
@@ -91,7 +93,9 @@ def test_postgres_restarted_mid_load_loses_and_doubles_nothing(private: Private,
                 # a fast shutdown, then a crash (no checkpoint; crash recovery on start),
                 # in turn: either way every connection and transaction in flight is cut
                 crash(private.pg) if n % 2 else private.pg.stop()
-                time.sleep(1.0)
+                # longer than the store's own reconnect retries (10 × 0.2 s), so commands
+                # in flight are answered 503 and must be retried by the client
+                time.sleep(OUTAGE_SECONDS)
                 private.pg.start()
                 up = time.monotonic()
                 outages.append(up - down)
