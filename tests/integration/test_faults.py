@@ -199,6 +199,14 @@ def refusing(stores: Stores, marker: str) -> Iterator[None]:
             conn.execute("DROP FUNCTION IF EXISTS eventstore.fault_refuse()")
 
 
+def _waiting_on(stores: Stores, table: str) -> bool:
+    """Is a transaction waiting for a lock on ``table`` (the batch writer, blocked)?"""
+    with stores.query_pool.connection() as conn:
+        row = conn.execute("SELECT count(*) AS n FROM pg_locks WHERE NOT granted"
+                           " AND relation = %s::regclass", (table,)).fetchone()
+    return bool(row and row["n"])
+
+
 @contextmanager
 def held_writer(stores: Stores, url: str, admin: str, expect: int) -> Iterator[None]:
     """Blocks the batch writer inside a save (a lock on the events table) while the
@@ -212,9 +220,10 @@ def held_writer(stores: Stores, url: str, admin: str, expect: int) -> Iterator[N
         ADJUST.format(user=uuid.uuid4()), headers=bearer(admin),
         json={"direction": "credit", "amount_minor": 1, "currency": "USD", "reason": "hold"})])
     try:
-        deadline = time.monotonic() + 2
-        while stores.app._queue.qsize() > 0 and time.monotonic() < deadline:
-            time.sleep(0.02)  # the writer took the holding command and is blocked
+        deadline = time.monotonic() + 5
+        while not _waiting_on(stores, table):  # the writer took the holding command
+            assert time.monotonic() < deadline, "the batch writer never reached the lock"
+            time.sleep(0.02)
         yield
         deadline = time.monotonic() + 7  # the writer's lock timeout is 10 s
         while stores.app._queue.qsize() < expect and time.monotonic() < deadline:
