@@ -100,6 +100,8 @@ class Adjustment:
     first: str = ""  # what the first attempt got: a status, or the transport error
     first_outcome: str = ""
     answered_at: float = 0.0
+    sent_at: float = 0.0  # when the first attempt was sent, and answered
+    first_answered_at: float = 0.0
     last: str = ""  # the last answer's body (for failure messages)
 
     @property
@@ -108,6 +110,7 @@ class Adjustment:
 
     def send(self, http: httpx.Client, admin: str) -> str:
         self.attempts += 1
+        started = time.monotonic()
         try:
             response = http.post(ADJUST.format(user=self.user), timeout=15, json={
                 "direction": self.direction, "amount_minor": self.amount, "currency": "USD",
@@ -122,10 +125,15 @@ class Adjustment:
                 outcome = "unknown"
         except httpx.HTTPError as error:
             got, outcome = type(error).__name__, "unknown"
+        self.outcome, self.answered_at = outcome, time.monotonic()
         if self.attempts == 1:
             self.first, self.first_outcome = got, outcome
-        self.outcome, self.answered_at = outcome, time.monotonic()
+            self.sent_at, self.first_answered_at = started, self.answered_at
         return outcome
+
+    def in_flight_at(self, moment: float) -> bool:
+        """Was its first attempt sent before ``moment`` and answered after it?"""
+        return self.sent_at <= moment <= self.first_answered_at
 
 
 class AdjustLoad:
