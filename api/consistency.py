@@ -10,7 +10,7 @@ from fastapi import Request
 
 from api.errors import ApiError
 from infra.db import Stores
-from projections.store import position
+from projections.store import position, repair_generation
 
 HEADER = "X-Ledger-Position"
 
@@ -28,9 +28,17 @@ def requested_position(request: Request) -> int | None:
 def current_position(stores: Stores, projection: str | tuple[str, ...]) -> int:
     """How far a read model has applied the event log; for several, the least of them
     (an answer that reads them all is as current as the one furthest behind)."""
+    return current_state(stores, projection, repairs=False)[0]
+
+
+def current_state(stores: Stores, projection: str | tuple[str, ...], *,
+                  repairs: bool) -> tuple[int, int]:
+    """(position, repair generation) on one connection; the generation counts changes
+    that moved no position (requeued events, rebuilds), 0 unless ``repairs``."""
     names = (projection,) if isinstance(projection, str) else projection
     with stores.query_pool.connection() as conn, conn.cursor() as cur:
-        return min(position(cur, name, stores.position_source_prefix()) for name in names)
+        at = min(position(cur, name, stores.position_source_prefix()) for name in names)
+        return at, repair_generation(cur, names) if repairs else 0
 
 
 def wait_for(stores: Stores, projection: str | tuple[str, ...], wanted: int,

@@ -12,9 +12,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from api.auth import Principal
-from api.consistency import current_position, requested_position, wait_for
+from api.consistency import current_state, requested_position, wait_for
 from api.errors import ApiError
-from projections.store import repair_generation
 
 CACHE_HEADER = "X-Read-Model-Cache"
 
@@ -36,13 +35,15 @@ def cached_query(request: Request, principal: Principal, *, operation_id: str,
                                request.app.state.settings)
     wanted = requested_position(request)
     with read_model_errors():
+        cached = cache.client is not None  # requeued events and rebuilds move no position
         if wanted is not None:
             reached, position = wait_for(stores, projection, wanted, settings.read_wait_seconds)
+            repairs = current_state(stores, projection, repairs=True)[1] if cached else 0
         else:
-            reached, position = True, current_position(stores, projection)
-        if cache.client is not None:  # requeued events and rebuilds move no position
-            with stores.query_pool.connection() as conn, conn.cursor() as cur:
-                query = {**query, "_repairs": repair_generation(cur, projection)}
+            reached = True
+            position, repairs = current_state(stores, projection, repairs=cached)
+        if cached:
+            query = {**query, "_repairs": repairs}
         key = cache.key(operation_id, principal.scope_key, query, position)
         body, state = cache.get(key)
         if body is None:
