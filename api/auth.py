@@ -49,10 +49,13 @@ class Principal:
 
     @property
     def scope_key(self) -> str:
-        """Everything that changes what this caller may see, for cache keys."""
+        """Everything that changes what this caller may see, for cache keys and cursor
+        bindings: identity, tenant, roles, capabilities and project memberships."""
         roles = ",".join(sorted(self.platform_roles))
         caps = ",".join(sorted(self.capabilities))
-        return f"{self.user_id}:{self.tenant_id or '-'}:{self.role}:{roles}:{caps}"
+        projects = ",".join(sorted(str(p) for p in self.project_ids))
+        return (f"{self.actor_type}:{self.user_id}:{self.tenant_id or '-'}:{self.role}:{roles}:"
+                f"{caps}:{projects}:{self.token_project_id or '-'}")
 
 
 def mint_token(secret: str, *, user_id: uuid.UUID | str, tenant_id: uuid.UUID | str | None = None,
@@ -79,7 +82,31 @@ def _uuid(value: Any) -> uuid.UUID:
     return uuid.UUID(str(value))
 
 
+#: tokens already verified: (secret, token) → (principal, valid from, valid until).
+#: A token's signature and claims never change, so only its time window is checked
+#: again; what fails verification is never kept.
+_verified: dict[tuple[str, str], tuple[Principal, float, float]] = {}
+MAX_VERIFIED = 8192
+
+
 def principal_from_token(token: str, secret: str) -> Principal:
+    known = _verified.get((secret, token))
+    if known is not None:
+        principal, valid_from, valid_until = known
+        if valid_from <= time.time() < valid_until:
+            return principal
+        if time.time() >= valid_until:
+            raise ApiError(401, "token_expired", "the bearer token has expired")
+    principal, valid_from, valid_until = _verify(token, secret)
+    if len(_verified) >= MAX_VERIFIED:
+        _verified.pop(next(iter(_verified)))
+    _verified[(secret, token)] = (principal, valid_from, valid_until)
+    return principal
+
+
+def _verify(token: str, secret: str) -> tuple[Principal, float, float]:
+    """The token's caller and the window in which the token holds (PyJWT's own rules:
+    not before ``nbf`` or ``iat``, until ``exp`` exclusive); 401 if it does not hold now."""
     try:
         claims = jwt.decode(token, secret, algorithms=["HS256"], issuer=ISSUER,
                             options={"require": ["exp", "sub", "iss"]})
@@ -100,7 +127,7 @@ def principal_from_token(token: str, secret: str) -> Principal:
             raise ValueError("unknown actor type or role")
         if actor_type == "node" and (role != "user" or capabilities or platform_roles):
             raise ValueError("unknown actor type or role")
-        return Principal(
+        principal = Principal(
             user_id=_uuid(claims["sub"]),
             tenant_id=_uuid(claims["tenant_id"]) if claims.get("tenant_id") else None,
             role=role,
@@ -110,6 +137,8 @@ def principal_from_token(token: str, secret: str) -> Principal:
             platform_roles=platform_roles,
             capabilities=frozenset(capabilities),
         )
+        valid_from = max(float(claims.get("nbf", 0)), float(claims.get("iat", 0)))
+        return principal, valid_from, float(claims["exp"])
     except (KeyError, TypeError, ValueError):
         raise ApiError(401, "token_invalid", "the bearer token's claims are not valid") from None
 

@@ -1,5 +1,6 @@
-"""The load generator: one process of its own, ``httpx.AsyncClient`` with N concurrent
-tasks on keep-alive connections. The same generator drives ledgercore and the HTTP
+"""The load generator: one process of its own, N concurrent tasks each on its own
+keep-alive connection (``bench.rawhttp``: a minimal HTTP/1.1 client, so the generator
+costs the machine little beside the server it measures). The same generator drives ledgercore and the HTTP
 ceiling, so their figures compare.
 
 ``python -m bench.loadgen SPEC.json RESULT.json``. The spec (see ``suite``):
@@ -36,16 +37,9 @@ import uuid
 from collections import Counter, defaultdict
 from typing import Any
 
-# httpcore asks ``import sniffio`` on every request to learn the async library; the
-# package is not installed, and each failed import searches sys.path again (0.7 ms of
-# the generator's CPU per request here). A None entry fails the import at once, and
-# httpcore then assumes asyncio, which is what it concluded anyway.
-sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
-
-import httpx  # noqa: E402
-
-from bench.cpu import CpuAccount  # noqa: E402
-from bench.stats import summary_ms  # noqa: E402
+from bench.cpu import CpuAccount
+from bench.rawhttp import Client, HttpError, Response
+from bench.stats import summary_ms
 
 ADJUST_PATH = "/api/v1/admin/users/{user}/balance"
 BALANCE_PATH = "/api/v1/billing/balance"
@@ -84,7 +78,7 @@ class Adjustments:
             return user, "debit", amount
         return user, "credit", self.rng.randint(100, 10_000)
 
-    async def one(self, client: httpx.AsyncClient) -> tuple[str, float, float]:
+    async def one(self, client: Client) -> tuple[str, float, float]:
         user, direction, amount = self.choose()
         signed = amount if direction == "credit" else -amount
         request_id = uuid.uuid4().hex
@@ -94,11 +88,11 @@ class Adjustments:
         try:
             response = await client.post(ADJUST_PATH.format(user=user), content=body,
                                          headers={**self.headers, "X-Request-Id": request_id})
-        except httpx.HTTPError as error:
+        except HttpError as error:
             ended = time.monotonic()
             self.unknown.append({"request_id": request_id, "user": user, "signed": signed,
-                                 "error": type(error).__name__})
-            status = f"error {type(error).__name__}"
+                                 "error": str(error)})
+            status = f"error {error}"
         else:
             ended = time.monotonic()
             if response.status_code == 200:
@@ -151,7 +145,7 @@ class Leases:
     def exhausted(self) -> bool:
         return self.next_index >= self.count
 
-    async def one(self, client: httpx.AsyncClient) -> tuple[str, float, float]:
+    async def one(self, client: Client) -> tuple[str, float, float]:
         index = self.next_index
         self.next_index += 1
         if self.kind == "launch":
@@ -166,10 +160,10 @@ class Leases:
         started = time.monotonic()
         try:
             response = await client.post(path, content=body, headers=headers)
-        except httpx.HTTPError as error:
+        except HttpError as error:
             self.unknown.append({"request_id": request_id, "user": user,
-                                 "allocation_id": allocation_id, "error": type(error).__name__})
-            return f"error {type(error).__name__}", started, time.monotonic()
+                                 "allocation_id": allocation_id, "error": str(error)})
+            return f"error {error}", started, time.monotonic()
         ended = time.monotonic()
         if response.status_code != 202:
             status = describe(response)
@@ -205,14 +199,14 @@ class Balances:
     def exhausted(self) -> bool:
         return self.distinct and self.next_index >= len(self.tokens)
 
-    async def one(self, client: httpx.AsyncClient) -> tuple[str, float, float]:
+    async def one(self, client: Client) -> tuple[str, float, float]:
         token = self.tokens[self.next_index if self.distinct else 0]
         self.next_index += 1
         started = time.monotonic()
         try:
             response = await client.get(BALANCE_PATH, headers={"Authorization": f"Bearer {token}"})
-        except httpx.HTTPError as error:
-            return f"error {type(error).__name__}", started, time.monotonic()
+        except HttpError as error:
+            return f"error {error}", started, time.monotonic()
         ended = time.monotonic()
         self.cache[response.headers.get("x-read-model-cache", "-")] += 1
         return (str(response.status_code) if response.status_code == 200 else describe(response),
@@ -222,7 +216,7 @@ class Balances:
         return {"cache": dict(self.cache)}
 
 
-def describe(response: httpx.Response) -> str:
+def describe(response: Response) -> str:
     try:
         body = response.json()
         reason = (body.get("details") or {}).get("reason")
@@ -242,12 +236,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
     in_window = 0
     ok_in_window = 0
     missed = 0
-    # One client (one keep-alive connection) per task: httpcore's pool scans every
-    # queued request against every connection on each change, which at 64 requests
-    # on one pool costs the generator more CPU than the server spends answering.
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    clients = [httpx.AsyncClient(base_url=spec["base_url"], limits=limits,
-                                 timeout=httpx.Timeout(spec.get("timeout", 60.0)))
+    clients = [Client(spec["base_url"], timeout=spec.get("timeout", 60.0))
                for _ in range(concurrency)]
     before = resource.getrusage(resource.RUSAGE_SELF)
     cpu = CpuAccount(spec.get("watch", {}), bench_pid=spec.get("bench_pid"))
@@ -256,7 +245,7 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
         window_start = start + spec.get("warmup", 0.0)
         end = window_start + spec["duration"]
 
-        async def one(client: httpx.AsyncClient) -> None:
+        async def one(client: Client) -> None:
             nonlocal in_window, ok_in_window
             status, started, ended = await workload.one(client)
             statuses[status] += 1
@@ -284,13 +273,13 @@ async def drive(spec: dict[str, Any]) -> dict[str, Any]:
                 for _ in range(concurrency):
                     queue.put_nowait(None)
 
-            async def worker(client: httpx.AsyncClient) -> None:
+            async def worker(client: Client) -> None:
                 while await queue.get() is not None:
                     await one(client)
 
             await asyncio.gather(offer(), *(worker(client) for client in clients))
         else:
-            async def loop(client: httpx.AsyncClient) -> None:
+            async def loop(client: Client) -> None:
                 while time.monotonic() < end and not workload.exhausted():
                     await one(client)
 

@@ -33,7 +33,8 @@ from dataclasses import replace
 from typing import Any
 from uuid import UUID, uuid4
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.domain import BaseAggregate
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 from eventsourcing.postgres import PostgresDatastore
 from psycopg.sql import SQL, Identifier
@@ -77,9 +78,23 @@ class Ledgercore(Application[UUID]):
         self.fault_double_apply = double_apply_flag(self.env)
 
     def save(self, *objs: Any, **kwargs: Any) -> Any:
+        """The library's ``save``, but an aggregate's events are collected after one
+        class check: the library asks two runtime protocols first, and those
+        ``isinstance`` checks cost a tenth of the batch writer's time."""
         if self.fault_double_apply:
             double_apply(objs, self.fault_double_apply)
-        return super().save(*objs, **kwargs)
+        processing = ProcessingEvent[UUID]()
+        for obj in objs:
+            if isinstance(obj, BaseAggregate):
+                processing.events.extend(obj.collect_events())
+                processing.aggregates[obj.id] = obj
+            else:
+                processing.collect_events(obj)
+        processing.saved_kwargs.update(kwargs)
+        recordings = self._record(processing)
+        self._take_snapshots(processing)
+        self._notify(recordings)
+        return recordings
 
     def get_or_none(self, aggregate_id: UUID) -> Any | None:
         try:

@@ -115,3 +115,23 @@ def test_cursors_round_trip_and_are_bound_to_sort_filters_and_scope() -> None:
         with pytest.raises(errors.ApiError) as raised:
             read(None, size)
         assert raised.value.code == "validation_error"
+
+
+def test_a_verified_token_is_remembered_only_within_its_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    import api.auth as auth
+
+    secret = "s" * 40
+    user = uuid.uuid4()
+    token = mint_token(secret, user_id=user, ttl_seconds=60)
+    assert auth.principal_from_token(token, secret).user_id == user
+    assert (secret, token) in auth._verified
+    # the same token under another secret is verified again, and refused
+    with pytest.raises(errors.ApiError) as refused:
+        auth.principal_from_token(token, "t" * 40)
+    assert refused.value.code == "token_invalid"
+    # once its time is up, the remembered token is refused as expired
+    now = auth.time.time()
+    monkeypatch.setattr(auth.time, "time", lambda: now + 61)
+    with pytest.raises(errors.ApiError) as expired:
+        auth.principal_from_token(token, secret)
+    assert expired.value.code == "token_expired"
