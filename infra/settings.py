@@ -90,6 +90,7 @@ class Settings:
         info = conninfo_to_dict(self.pg_dsn)
         return {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "APPLICATION_RECORDER_TOPIC": "infra.event_store:ArrayInsertRecorder",
             "POSTGRES_DBNAME": str(info.get("dbname", "postgres")),
             "POSTGRES_HOST": str(info.get("host", "127.0.0.1")),
             "POSTGRES_PORT": str(info.get("port", "5432")),
