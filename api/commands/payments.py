@@ -78,6 +78,7 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     if not webhooks.verify(request.app.state.settings.webhook_secret, raw,
                            request.headers.get(webhooks.HEADER)):
         raise ApiError(401, "stripe_signature_invalid", "the webhook signature is not valid")
+    idempotency.checked_key(request)  # declared by the contract; events dedupe by their id
     try:
         event = json.loads(raw)
         if not isinstance(event, dict):
