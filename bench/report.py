@@ -196,7 +196,8 @@ def print_report(console: Console, results: dict[str, Any]) -> None:
     console.print(refs)
 
     cpu = Table(title="cores used during the command runs (of "
-                f"{results['machine']['cpus']}): server / Postgres / load generator / other")
+                f"{results['machine']['cpus']}): server (+ its projector process) / Postgres / "
+                      "load generator / other")
     cpu.add_column("concurrency")
     for name in ("ledgercore", "HTTP ceiling, sync", "HTTP ceiling, async"):
         cpu.add_column(name, justify="right")
@@ -205,8 +206,12 @@ def print_report(console: Console, results: dict[str, Any]) -> None:
         share = (figures or {}).get("cpu_share")
         if not share:
             return "—"
-        return " / ".join(f"{share.get(k, 0):.2f}" for k in ("server", "postgres", "load generator",
-                                                               "other"))
+        server = f"{share.get('server', 0):.2f}"
+        projector = share.get("server's projector")
+        if projector is not None:
+            server += f" + {projector:.2f}"
+        return " / ".join([server] + [f"{share.get(k, 0):.2f}" for k in ("postgres", "load generator",
+                                                                          "other")])
 
     for level, figures in results["ledgercore"].get("commands", {}).items():
         cpu.add_row(level, cores(figures),

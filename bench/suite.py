@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import redis
 from rich.console import Console
@@ -219,12 +220,19 @@ class Suite:
         relay and projector while the Kafka transport runs."""
         watch = {"server": server.child.pid, **{name: child.pid for name, child in self.workers.items()
                                                 if child.alive()}}
+        for child in psutil.Process(server.child.pid).children():
+            if "project-log" in child.cmdline():
+                watch["server's projector"] = child.pid
         if self.broker is not None and self.broker.process is not None:
             watch["broker"] = self.broker.process.pid
         return watch
 
     def stop(self, name: str, *children: Any) -> None:
         for child in children:
+            projectors = [p for p in psutil.Process(child.pid).children()
+                          if "project-log" in p.cmdline()] if child.alive() else []
+            for projector in projectors:  # ``run`` keeps the direct projector in a child
+                self.memory[f"{name}: its projector process"] = peak_rss_mib(projector.pid)
             child.stop()
         self.memory[name] = max((c.peak_rss or 0) for c in children) if children else None
 

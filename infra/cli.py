@@ -1,7 +1,8 @@
 """``ledgercore``: the one command-line entry point (``./scripts/ledgercore``).
 
 Subcommands: ``run`` (the service), ``token`` (mint a bearer token), ``rebuild`` (a read
-model from the event store), ``relay`` and ``project`` (the Kafka transport's
+model from the event store), ``project-log`` (the direct transport's projector, which
+``run`` keeps in a process of its own), ``relay`` and ``project`` (the Kafka transport's
 processes), ``invoices close|pay|void`` and ``budgets set`` (billing operator commands
 the contract has no operation for), ``apps register|add-version`` (the app catalog),
 and the auditors' ``replay``, ``verify`` and ``export`` (``infra.audit``), and ``dlq list|requeue|discard`` (dead letters, with a reason).
@@ -78,6 +79,12 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
         workers = [_relay(settings, stores), _projector(settings, stores)]
         for worker in workers:
             threading.Thread(target=worker.run_forever, daemon=True).start()
+    projector = None
+    if settings.transport == "direct" and settings.run_projector:
+        # The projector gets a process (and a core) of its own: in the API's process it
+        # would share one interpreter lock with every request and the batch writer.
+        projector = _projector_process(settings).start()
+        settings = replace(settings, run_projector=False)
     print(f"ledgercore on http://{settings.host}:{settings.port}  "
           f"(transport={settings.transport}, redis={'on' if settings.redis_url else 'off'})",
           flush=True)
@@ -92,6 +99,8 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                     log_level="info", access_log=False)
     finally:
+        if projector is not None:
+            projector.stop()
         for worker in workers:
             worker.stop()
         if broker is not None:
@@ -172,6 +181,43 @@ def webhook(payment_session_id: str = typer.Option(..., help="the platform's pay
     print(response.status_code, response.text)
     if response.status_code != 200:
         raise typer.Exit(1)
+
+
+def _projector_process(settings: Settings) -> Any:
+    import os
+
+    from infra.supervisor import Supervised
+
+    env = {**os.environ, "LEDGERCORE_PG_DSN": settings.pg_dsn or "",
+           "LEDGERCORE_DATA_DIR": str(settings.data_dir), "LEDGERCORE_TRANSPORT": "direct"}
+    return Supervised("projector", [sys.executable, "-m", "infra.cli", "project-log"], env)
+
+
+@cli.command(name="project-log")
+def project_log() -> None:
+    """Run the projectors on the event store's notification log (transport=direct), as
+    ``run`` does in a process of its own."""
+    import threading
+
+    from consumers.direct import DirectProjector
+    from infra.db import Stores
+
+    _logging()
+    settings = Settings.from_env()
+    if not settings.pg_dsn:
+        console.print("project-log needs LEDGERCORE_PG_DSN")
+        raise typer.Exit(2)
+    stores = Stores.open(settings)
+    projector = DirectProjector(stores.app, stores.read_models, settings.pg_dsn).start()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stopped.set())
+    try:
+        while not stopped.wait(1.0):
+            pass
+    finally:
+        projector.stop()
+        stores.close()
 
 
 def _relay(settings: Settings, stores: Any, crash_at: str | None = None) -> Any:
