@@ -53,8 +53,10 @@ class DirectProjector:
     """
 
     def __init__(self, app: Application[Any], store: ReadModelStore, dsn: str,
-                 channel: str = "stored_events", idle_seconds: float = 1.0):
-        self.app, self.store, self.dsn, self.channel = app, store, dsn, channel
+                 channel: str | None = None, idle_seconds: float = 1.0):
+        self.app, self.store, self.dsn = app, store, dsn
+        #: the channel the event store's insert NOTIFYs (the library names it after its table)
+        self.channel = channel or getattr(app.recorder, "channel_name", "stored_events")
         self.idle_seconds = idle_seconds
         self.last_error: str | None = None
         self._wake = threading.Event()

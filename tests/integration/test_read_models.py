@@ -89,3 +89,31 @@ def test_rebuild_from_the_event_store_gives_the_same_read_model(
                                  "LEDGERCORE_JWT_SECRET": "x" * 32})
     assert result.returncode == 0, result.stderr
     assert snapshot(stores) == before
+
+
+def test_the_direct_projector_wakes_on_another_writers_notify(
+        new_database: Any, settings_for: Any, stores_for: Any, tokens: Any) -> None:
+    """A write by another process (here: a server without a projector) is projected at
+    once through the event store's NOTIFY, not after the projector's idle timeout."""
+    import time
+
+    from api.consistency import current_position
+    from consumers.direct import DirectProjector
+
+    settings = settings_for(new_database().dsn, run_projector=False)
+    projecting = stores_for(settings)
+    projector = DirectProjector(projecting.app, projecting.read_models, settings.pg_dsn,
+                                idle_seconds=60).start()
+    try:
+        with ServerThread(create_app(settings)) as server, client(server.url) as http:
+            time.sleep(0.5)  # the projector's first pass and its LISTEN are done
+            user = uuid.uuid4()
+            sent = time.monotonic()
+            answer = http.post(f"/api/v1/admin/users/{user}/balance", json=BODY,
+                               headers=bearer(tokens.admin()))
+            target = int(answer.headers["X-Ledger-Position"])
+            while current_position(projecting, "billing_ledger") < target:
+                assert time.monotonic() - sent < 5, "the projector did not wake on NOTIFY"
+                time.sleep(0.01)
+    finally:
+        projector.stop()
