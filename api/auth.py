@@ -1,12 +1,22 @@
 """Bearer JWT (HS256) authentication, capabilities and project scoping.
 
-Claims: ``sub`` (user or service-account uuid), ``tenant_id``, ``project_ids`` (the
-caller's project memberships), ``project_id`` (a service account's one project),
+Claims: ``sub`` (user or service-account uuid), ``tenant_id``, ``tenant_role``
+(``owner``|``admin``|``member``|``billing_viewer``, ``member`` when absent),
+``project_ids`` (the caller's project memberships), ``project_roles`` (project id →
+``owner``|``admin``|``member``|``viewer``; each is a membership too, and a project
+without a role there is ``member``), ``project_id`` (a service account's one project),
 ``role`` (``user``|``admin``), ``platform_roles``, ``capabilities``, ``actor_type``
-(``user``|``service_account``|``node``), ``exp``. A ``node`` token is a node agent's:
-its ``sub`` is the node id, and it is good only for that node's ``/internal`` task
-channel (docs/decisions.md: it stands in for the contract's mTLS). Order of checks (api-conventions §2.5):
-401 for the token, 400 for a malformed ``X-Project-ID``, then 403 for scope and role.
+(``user``|``service_account``|``node``), ``exp``. An unknown role value is 401
+``token_invalid``. A ``node`` token is a node agent's: its ``sub`` is the node id, it
+carries no role, and it is good only for that node's ``/internal`` task channel
+(docs/decisions.md: it stands in for the contract's mTLS).
+
+Order of checks (api-conventions §2.5): 401 for the token, 400 for a malformed
+``X-Project-ID``, 403 for the scope (membership), then 403 ``insufficient_permissions``
+for a role too low — before any resource is looked up. Roles (docs/decisions.md): a
+project ``viewer`` only reads (``project_access``); a tenant ``owner``/``admin`` is at
+least ``owner``/``admin`` in every project they belong to; a ``billing_viewer`` reads
+the tenant's billing but does not act on its account (``billing_writer``).
 """
 
 from __future__ import annotations
@@ -31,6 +41,17 @@ ROLE_CAPABILITIES = {
                      "platform.node.read", "platform.audit.read"),
     "platform_user": (),
 }
+TENANT_ROLES = ("owner", "admin", "member", "billing_viewer")
+#: project roles, highest first
+PROJECT_ROLES = ("owner", "admin", "member", "viewer")
+#: the project role a tenant role gives in every project of the tenant its holder is in
+TENANT_ROLE_IN_PROJECTS = {"owner": "owner", "admin": "admin"}
+#: methods that change nothing: all a project ``viewer`` may send
+READ_METHODS = frozenset({"GET", "HEAD"})
+#: the project roles that may send a project-scoped request that is not a read
+PROJECT_WRITERS = ("owner", "admin", "member")
+#: the tenant roles that may act on the tenant's billing account
+BILLING_WRITERS = ("owner", "admin", "member")
 
 
 @dataclass(frozen=True)
@@ -43,26 +64,42 @@ class Principal:
     token_project_id: uuid.UUID | None
     platform_roles: tuple[str, ...]
     capabilities: frozenset[str]
+    tenant_role: str = "member"
+    #: the roles other than ``member`` the token names, sorted by project
+    project_roles: tuple[tuple[uuid.UUID, str], ...] = ()
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities
 
+    def project_role(self, project: uuid.UUID) -> str:
+        """The caller's role in ``project`` (one they belong to): the token's role there
+        (``member`` when it names none), raised by a tenant ``owner``/``admin`` role."""
+        own = dict(self.project_roles).get(project, "member")
+        lifted = TENANT_ROLE_IN_PROJECTS.get(self.tenant_role, own)
+        return min(own, lifted, key=PROJECT_ROLES.index)
+
     @property
     def scope_key(self) -> str:
         """Everything that changes what this caller may see, for cache keys and cursor
-        bindings: identity, tenant, roles, capabilities and project memberships."""
+        bindings: identity, tenant, roles (platform, tenant and project), capabilities and
+        project memberships."""
         roles = ",".join(sorted(self.platform_roles))
         caps = ",".join(sorted(self.capabilities))
         projects = ",".join(sorted(str(p) for p in self.project_ids))
+        project_roles = ",".join(f"{p}={r}" for p, r in self.project_roles)
         return (f"{self.actor_type}:{self.user_id}:{self.tenant_id or '-'}:{self.role}:{roles}:"
-                f"{caps}:{projects}:{self.token_project_id or '-'}")
+                f"{caps}:{projects}:{self.token_project_id or '-'}:{self.tenant_role}:"
+                f"{project_roles}")
 
 
 def mint_token(secret: str, *, user_id: uuid.UUID | str, tenant_id: uuid.UUID | str | None = None,
                project_ids: list[str] | None = None, project_id: str | None = None,
                role: str = "user", platform_roles: list[str] | None = None,
                actor_type: str = "user", ttl_seconds: int = 3600,
-               capabilities: list[str] | None = None) -> str:
+               capabilities: list[str] | None = None, tenant_role: str | None = None,
+               project_roles: dict[Any, str] | None = None) -> str:
+    """A signed token; ``tenant_role`` and ``project_roles`` (project id → role) are
+    left out when not given (``member``, as for a token minted before roles)."""
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": ISSUER, "sub": str(user_id), "iat": now, "exp": now + ttl_seconds,
@@ -75,11 +112,39 @@ def mint_token(secret: str, *, user_id: uuid.UUID | str, tenant_id: uuid.UUID | 
         claims["project_id"] = str(project_id)
     if capabilities:
         claims["capabilities"] = capabilities
+    if tenant_role is not None:
+        claims["tenant_role"] = tenant_role
+    if project_roles is not None:
+        claims["project_roles"] = {str(p): r for p, r in project_roles.items()}
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def _uuid(value: Any) -> uuid.UUID:
     return uuid.UUID(str(value))
+
+
+def _tenant_role(claims: dict[str, Any]) -> str:
+    role = claims.get("tenant_role")
+    if role is None:
+        return "member"
+    if not isinstance(role, str) or role not in TENANT_ROLES:
+        raise ValueError("unknown tenant role")
+    return role
+
+
+def _project_roles(claims: dict[str, Any]) -> dict[uuid.UUID, str]:
+    given = claims.get("project_roles")
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise ValueError("project_roles must be an object")
+    roles: dict[uuid.UUID, str] = {}
+    for project, role in given.items():
+        if not isinstance(role, str) or role not in PROJECT_ROLES:
+            raise ValueError("unknown project role")
+        if roles.setdefault(_uuid(project), role) != role:
+            raise ValueError("two roles for one project")
+    return roles
 
 
 #: tokens already verified: (secret, token) → (principal, valid from, valid until).
@@ -125,17 +190,23 @@ def _verify(token: str, secret: str) -> tuple[Principal, float, float]:
         actor_type = str(claims.get("actor_type", "user"))
         if actor_type not in ("user", "service_account", "node") or role not in ("user", "admin"):
             raise ValueError("unknown actor type or role")
-        if actor_type == "node" and (role != "user" or capabilities or platform_roles):
+        if actor_type == "node" and (role != "user" or capabilities or platform_roles
+                                     or "tenant_role" in claims or "project_roles" in claims):
             raise ValueError("unknown actor type or role")
+        project_roles = _project_roles(claims)
         principal = Principal(
             user_id=_uuid(claims["sub"]),
             tenant_id=_uuid(claims["tenant_id"]) if claims.get("tenant_id") else None,
             role=role,
             actor_type=actor_type,
-            project_ids=frozenset(_uuid(p) for p in claims.get("project_ids", [])),
+            project_ids=frozenset(_uuid(p) for p in claims.get("project_ids", []))
+            | frozenset(project_roles),
             token_project_id=_uuid(claims["project_id"]) if claims.get("project_id") else None,
             platform_roles=platform_roles,
             capabilities=frozenset(capabilities),
+            tenant_role=_tenant_role(claims),
+            project_roles=tuple(sorted((p, r) for p, r in project_roles.items()
+                                       if r != "member")),
         )
         valid_from = max(float(claims.get("nbf", 0)), float(claims.get("iat", 0)))
         return principal, valid_from, float(claims["exp"])
@@ -196,16 +267,55 @@ admin = requires("platform.admin")
 def project_scope(request: Request, principal: Principal) -> uuid.UUID:
     """Resolve ``X-Project-ID`` for an operation that takes ``ProjectIdHeader``.
 
-    Missing or not a uuid → 400; not a member, unknown project, or a service-account
-    token for another project → 403 with the same body, so nothing is revealed."""
+    Missing or not a uuid → 400; then ``project_access``."""
     raw = request.headers.get("x-project-id")
     try:
         project = uuid.UUID(raw or "")
     except ValueError:
         raise ApiError(400, "validation_error", "X-Project-ID must be a uuid",
                        header="X-Project-ID") from None
+    return project_access(request, principal, project)
+
+
+def project_access(request: Request, principal: Principal, project: uuid.UUID) -> uuid.UUID:
+    """The scope and role checks of a project-scoped request (header or path): not a
+    member, unknown project, or a service-account token for another project → 403 with
+    the same body, so nothing is revealed; then a project ``viewer`` sending anything
+    but a read (``READ_METHODS``: a precheck is refused too) → 403
+    ``insufficient_permissions``."""
     require_member(principal, project)
+    if request.method not in READ_METHODS:
+        require_project_role(principal, project, *PROJECT_WRITERS)
     return project
+
+
+def require_project_role(principal: Principal, project: uuid.UUID, *roles: str,
+                         capability: str | None = None) -> None:
+    """403 ``insufficient_permissions`` unless the caller's role in ``project`` (checked
+    a member before) is one of ``roles``, or they hold ``capability``."""
+    if principal.project_role(project) in roles or (capability and principal.can(capability)):
+        return
+    raise ApiError(403, "insufficient_permissions",
+                   f"this operation needs project role {' or '.join(roles)}",
+                   required_roles=list(roles))
+
+
+def require_tenant_role(principal: Principal, *roles: str, capability: str | None = None) -> None:
+    """403 ``insufficient_permissions`` unless the caller's tenant role is one of
+    ``roles``, or they hold ``capability``."""
+    if principal.tenant_role in roles or (capability and principal.can(capability)):
+        return
+    raise ApiError(403, "insufficient_permissions",
+                   f"this operation needs tenant role {' or '.join(roles)}",
+                   required_roles=list(roles))
+
+
+async def billing_writer(request: Request) -> Principal:
+    """FastAPI dependency of a mutation on the caller's tenant billing account: a
+    ``billing_viewer`` reads billing and is refused here (403), before the body."""
+    principal = await authenticate(request)
+    require_tenant_role(principal, *BILLING_WRITERS)
+    return principal
 
 
 def require_member(principal: Principal, project: uuid.UUID) -> None:

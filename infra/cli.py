@@ -112,7 +112,11 @@ def run(host: Optional[str] = typer.Option(None, help="listen address"),
 @cli.command()
 def token(user_id: str = typer.Option(..., help="the caller's user (or service account) uuid"),
           tenant_id: Optional[str] = typer.Option(None, help="the caller's tenant uuid"),
-          project: list[str] = typer.Option([], help="a project the caller is a member of (repeat)"),
+          project: list[str] = typer.Option([], help="a project the caller is a member of (repeat); "
+                                            "PROJECT=ROLE gives the project role (owner | admin | "
+                                            "member | viewer), member by default"),
+          tenant_role: Optional[str] = typer.Option(None, help="owner | admin | member | billing_viewer "
+                                                    "(member by default)"),
           project_id: Optional[str] = typer.Option(None, help="a service account's project"),
           role: str = typer.Option("user", help="user | admin"),
           platform_role: list[str] = typer.Option([], help="platform_superadmin | platform_ops | platform_user"),
@@ -123,9 +127,11 @@ def token(user_id: str = typer.Option(..., help="the caller's user (or service a
     from api.auth import mint_token
 
     settings = Settings.from_env()
+    memberships = [entry.partition("=") for entry in project]
     print(mint_token(settings.jwt_secret, user_id=user_id, tenant_id=tenant_id,
-                     project_ids=project, project_id=project_id, role=role,
-                     platform_roles=platform_role,
+                     project_ids=[p for p, _, _ in memberships], project_id=project_id, role=role,
+                     platform_roles=platform_role, tenant_role=tenant_role,
+                     project_roles={p: r for p, _, r in memberships if r} or None,
                      actor_type="node" if node else
                      "service_account" if service_account else "user",
                      ttl_seconds=ttl))

@@ -72,12 +72,15 @@ class LedgercoreClient:
         self.base_url = served.url
 
     def token(self, user_id: Any = None, *, tenant_id: Any = None, project_id: Any = None,
-              role: str = "user", **claims: Any) -> str:
-        """A bearer token for any caller (a fresh user id when none is given)."""
+              role: str = "user", tenant_role: str | None = None,
+              project_role: str | None = None, **claims: Any) -> str:
+        """A bearer token for any caller (a fresh user id when none is given), in the
+        tenant and project roles given (``member`` of both when none is)."""
         import uuid
 
         return self.tokens.user(user_id or uuid.uuid4(), tenant_id=tenant_id,
-                                project_id=project_id, role=role, **claims)
+                                project_id=project_id, role=role, tenant_role=tenant_role,
+                                project_role=project_role, **claims)
 
     def admin_token(self) -> str:
         return self.tokens.admin()

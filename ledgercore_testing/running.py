@@ -202,14 +202,27 @@ class Tokens:
                           platform_roles=["platform_superadmin"])
 
     def user(self, user_id: UUID | str, *, tenant_id: UUID | str | None = None,
-             project_id: UUID | str | None = None, role: str = "user", **claims: Any) -> str:
-        """A user's token; ``project_id`` also becomes its only member project."""
+             project_id: UUID | str | None = None, role: str = "user",
+             tenant_role: str | None = None, project_role: str | None = None,
+             **claims: Any) -> str:
+        """A user's token; ``project_id`` also becomes its only member project.
+
+        ``tenant_role`` (``owner``|``admin``|``member``|``billing_viewer``) and
+        ``project_role`` (``owner``|``admin``|``member``|``viewer``, in ``project_id``)
+        are left out when not given: the caller is then ``member`` of both. Other
+        projects' roles go in ``project_roles={project: role}``."""
         from api.auth import mint_token
 
         if project_id is not None:
             claims.setdefault("project_ids", [str(project_id)])
             claims.setdefault("project_id", str(project_id))
-        return mint_token(self.secret, user_id=user_id, tenant_id=tenant_id, role=role, **claims)
+            if project_role is not None:
+                claims["project_roles"] = {**claims.get("project_roles", {}),
+                                           str(project_id): project_role}
+        elif project_role is not None:
+            raise ValueError("project_role needs the project_id it applies to")
+        return mint_token(self.secret, user_id=user_id, tenant_id=tenant_id, role=role,
+                          tenant_role=tenant_role, **claims)
 
     def node(self, node_id: UUID | str) -> str:
         """A node agent's token (that node only)."""

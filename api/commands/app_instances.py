@@ -6,9 +6,11 @@ nothing here reads a read model. A compat twin shares its canonical operation's
 idempotency scope, so a key replays across the two paths.
 
 Who may call (docs/decisions.md): user commands need membership of the project (the
-path's ``project_id``, or ``X-Project-ID`` on V3); the adapter's reports need a service
-account of the project or the platform (``platform.admin`` or ``platform.ops.write``):
-a plain project member is 403. ``stop`` completes in the same save
+path's ``project_id``, or ``X-Project-ID`` on V3) in a role above ``viewer``
+(``api.auth.project_access``); a create checks the caller's project role against the
+entitlement's ``launch_roles``; the adapter's reports need a service account of the
+project or the platform (``platform.admin`` or ``platform.ops.write``): a plain project
+member is 403. ``stop`` completes in the same save
 (``stop_app_instance``): the instance answers ``stopped``.
 """
 
@@ -22,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import idempotency
-from api.auth import Principal, authenticate, project_scope, require_member
+from api.auth import Principal, authenticate, project_access, project_scope
 from api.commands import context, renderer, run
 from api.errors import ApiError
 from api.fields import Instant, JsonObject
@@ -177,12 +179,12 @@ def _path_project(request: Request) -> UUID | None:
 
 
 async def project_member(request: Request) -> Principal:
-    """The caller, a member of the path's project (403), checked before the body is
-    (auth → scope → schema)."""
+    """The caller, a member of the path's project in a role that may send the request
+    (403), checked before the body is (auth → scope → role → schema)."""
     principal = await authenticate(request)
     project = _path_project(request)
     if project is not None:
-        require_member(principal, project)
+        project_access(request, principal, project)
     return principal
 
 
@@ -196,7 +198,8 @@ async def project_reporter(request: Request) -> Principal:
 
 
 async def header_member(request: Request) -> Principal:
-    """The caller, a member of the ``X-Project-ID`` project (400/403), before the body."""
+    """The caller, a member of the ``X-Project-ID`` project in a role that may send the
+    request (400/403), before the body."""
     principal = await authenticate(request)
     project_scope(request, principal)
     return principal
@@ -247,6 +250,7 @@ async def create_instance(project_id: UUID, body: CreateAppInstanceRequest, requ
         context(request, principal, "api", claim), project_id=project_id,
         user_id=principal.user_id, tenant_id=principal.tenant_id, request=fields,
         service_account_id=requester["service_account_id"],
+        project_role=principal.project_role(project_id),
         render=renderer(request, 202, _instance))
     return await run(request, command)
 

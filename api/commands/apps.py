@@ -3,15 +3,16 @@
 
 - ``adminPublishAppCatalogVersion`` / ``adminDeprecateAppCatalogVersion``: operators.
 - ``upsertProjectAppEntitlement`` / ``upsertV3AccessAppEntitlementCompat``: operators
-  (``platform.admin``): tokens carry no project role, and a member who could grant
-  their own project an app would make the gate meaningless.
+  (``platform.admin``): the entitlement is the platform's gate, and a project member or
+  admin who could grant their own project an app would make it meaningless.
 - ``submitV3AppLaunch`` (+ compat): ``createAppInstance``'s command with
   ``source="v3_launch"``; the ``Idempotency-Key`` is mandatory, and the instance id is
   derived from the key's record, so a replay answers the same instance.
 - ``precheckV3AppLaunch`` (+ compat): the submit's decision run on aggregates loaded
   for the purpose and thrown away: it appends nothing, not even an idempotency record.
-  Every caller launches as project role ``member`` (the token has no finer one), which
-  is what ``launch_roles`` is checked against.
+  Both check the caller's project role (``Principal.project_role``) against the
+  entitlement's ``launch_roles``; a project ``viewer`` is refused both before
+  (``api.auth.project_access``).
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ from domain.usage import units_for
 router = APIRouter()
 Strict = ConfigDict(extra="forbid", strict=True)
 SLUG = r"^[a-z0-9][a-z0-9-]{1,62}$"
-#: the project role every launch is checked as against ``launch_roles``
-LAUNCH_ROLE = "member"
 HOURS_PER_MONTH = 730
 SEVERITY = {"ok": 0, "warn": 1, "blocker": 2}
 LaxUUID = Annotated[UUID, Field(strict=False)]
@@ -182,7 +181,8 @@ async def submit_v3_app_launch(body: V3AppLaunchSubmitRequest, request: Request,
     return await run(request, create_app_instance(
         context(request, principal, "api", claim), project_id=project,
         user_id=principal.user_id, tenant_id=principal.tenant_id, request=launch,
-        service_account_id=service_account, project_role=LAUNCH_ROLE, source="v3_launch",
+        service_account_id=service_account, project_role=principal.project_role(project),
+        source="v3_launch",
         render=renderer(request, 202, launched)))
 
 
@@ -281,7 +281,8 @@ def precheck(request: Request, principal: Principal, project: UUID, slug: str,
         checks.append(check("version", "Version", "ok", f"Version {wanted} is active."))
     probe = wanted if wanted is not None else (overrides.get("allowed_versions") or [""])[0]
     try:
-        require_entitled(session, project, slug, probe, project_role=LAUNCH_ROLE)
+        require_entitled(session, project, slug, probe,
+                         project_role=principal.project_role(project))
         checks.append(check("entitlement", "Entitlement", "ok",
                             "The project is entitled to the app."))
     except DomainError as error:
@@ -351,7 +352,8 @@ def _decide(request: Request, principal: Principal, project: UUID, slug: str,
     ctx = replace(context(request, principal, "api", None), causation_id=str(uuid.uuid4()))
     command = create_app_instance(
         ctx, project_id=project, user_id=principal.user_id, tenant_id=principal.tenant_id,
-        request=_launch_request(slug, body), render=_same, project_role=LAUNCH_ROLE,
+        request=_launch_request(slug, body), render=_same,
+        project_role=principal.project_role(project),
         source="v3_launch")
     try:
         _, result = command.decide(ctx, Session(request.app.state.stores.app))

@@ -1,5 +1,6 @@
-"""Payment commands: ``createChargeSession``, ``stripeWebhook`` (checkouts, disputes and
-provider refund outcomes), ``adminReconcilePaymentSession`` (also routed as
+"""Payment commands: ``createChargeSession`` (refused to a tenant ``billing_viewer``),
+``stripeWebhook`` (checkouts, disputes and provider refund outcomes),
+``adminReconcilePaymentSession`` (also routed as
 ``reconcileV3PlatformFinancePaymentSession`` and its ``Compat`` twin, one idempotency
 scope for the three)."""
 
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import idempotency, webhooks
-from api.auth import Principal, admin, authenticate
+from api.auth import Principal, admin, billing_writer
 from api.commands import context, renderer, run
 from api.errors import ApiError, correlation_id
 from domain.disputes import dispute_update, parse_provider_dispute
@@ -51,7 +52,8 @@ class AdminReconcilePaymentSessionRequest(BaseModel):
 
 @router.post("/api/v1/payments/checkout-session", operation_id="createChargeSession")
 async def create_charge_session_route(body: CreateChargeSessionRequest, request: Request,
-                                      principal: Principal = Depends(authenticate)) -> JSONResponse:
+                                      principal: Principal = Depends(billing_writer)
+                                      ) -> JSONResponse:
     if not is_known_currency(body.currency):
         raise ApiError(400, "invalid_request", f"unknown currency {body.currency}",
                        field="currency", reason="unsupported_currency")

@@ -5,9 +5,12 @@ Scopes (docs/decisions.md):
 - the caller's lists (``listMyAuditLogs``, V3 account evidence) hold the rows of
   commands the caller made and of commands about them (their balance, leases,
   payments);
-- project lists need membership of the project (path ``project_id`` or
-  ``X-Project-ID``), else 403; org and tenant lists need the token's tenant (a caller
-  without one: their personal org), else 403;
+- project lists (``listProjectAuditLogs``, V3 project evidence) need membership of the
+  project (path ``project_id`` or ``X-Project-ID``), else 403, then project role
+  ``owner`` or ``admin`` (a tenant ``owner``/``admin`` is that in its projects) or
+  ``platform.audit.read``, else 403 ``insufficient_permissions``; org and tenant lists
+  need the token's tenant (a caller without one: their personal org, which they own),
+  else 403, then tenant role ``owner`` or ``admin`` or ``platform.audit.read``, else 403;
 - the admin and V3 platform lists and exports need ``platform.audit.read``.
 Actor filters apply inside the resolved scope. An ``actor_role`` filter outside the
 contract's four roles, or an ``action`` filter that is not a dotted lower-case name, is
@@ -34,7 +37,8 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.auth import Principal, authenticate, project_scope, require_member, requires
+from api.auth import (Principal, authenticate, project_scope, require_member,
+                      require_project_role, require_tenant_role, requires)
 from api.consistency import current_position, requested_position, wait_for
 from api.errors import ApiError
 from api.fields import Instant
@@ -65,6 +69,19 @@ def _own_tenant(principal: Principal) -> UUID:
 def _require_tenant(principal: Principal, org_id: UUID) -> None:
     if org_id != _own_tenant(principal):
         raise ApiError(403, "insufficient_permissions", "no access to this organization")
+
+
+def _project_administrator(principal: Principal, project: UUID) -> None:
+    """"Visible to project administrators": a member of ``project`` (checked before)
+    whose role there is owner or admin, or a platform auditor."""
+    require_project_role(principal, project, "owner", "admin", capability="platform.audit.read")
+
+
+def _tenant_administrator(principal: Principal) -> None:
+    """"Visible to tenant administrators": tenant owner or admin, or a platform auditor.
+    A caller without a tenant is the one person, so the owner, of their personal org."""
+    if principal.tenant_id is not None:
+        require_tenant_role(principal, "owner", "admin", capability="platform.audit.read")
 
 
 def _tenant_header(request: Request) -> UUID | None:
@@ -183,6 +200,7 @@ def list_project_audit_logs(
     listing = Listing(request, principal, "listProjectAuditLogs", cursor=cursor,
                       page_size=page_size, sort=sort, filters=filters)
     require_member(principal, project_id)
+    _project_administrator(principal, project_id)
     return listing.answer()
 
 
@@ -199,6 +217,7 @@ def list_org_audit_logs(
     listing = Listing(request, principal, "listOrgAuditLogs", cursor=cursor,
                       page_size=page_size, sort=sort, filters=filters)
     _require_tenant(principal, org_id)
+    _tenant_administrator(principal)
     return listing.answer()
 
 
@@ -248,6 +267,7 @@ def list_project_evidence(
         from_: Instant | None = Query(default=None, alias="from"),
         to: Instant | None = None) -> JSONResponse:
     project = project_scope(request, principal)
+    _project_administrator(principal, project)
     filters = _filters(project_id=project, actor_user_id=actor_user_id, actor_roles=actor_role,
                        actions=action, target_type=target_type, correlation_id=correlation_id,
                        from_=from_, to=to)
@@ -275,6 +295,7 @@ def list_tenant_evidence(
                       cursor=cursor, page_size=page_size, sort=sort, filters=filters)
     if tenant is not None:
         _require_tenant(principal, tenant)
+    _tenant_administrator(principal)
     return listing.answer()
 
 

@@ -1,13 +1,15 @@
 """Two tenants and a neighbour project on one real server, for the tenancy tests
 (``test_tenancy.py``).
 
-Tenant A (its own tenant, project, two users and the project's adapter service
-account) owns one of each kind of resource the API serves with an id: allocations, a
-V3 compute launch (its task and workload), app instances with a member, member
-operations and a repair operation, a checkout session, refunds, usage records, rated
-usage lines, invoices, budgets and a financial restriction. Tenant B (its own tenant,
-project, user and adapter) owns an allocation, so its lists are not trivially empty.
-N is A's neighbour: another project of A's tenant, with a user and an adapter.
+Tenant A (its own tenant, project, two users — the tenant's and project's owner, and
+a plain member — and the project's adapter service account) owns one of each kind of
+resource the API serves with an id: allocations, a V3 compute launch (its task and
+workload), app instances with a member, member operations and a repair operation, a
+checkout session, refunds, usage records, rated usage lines, invoices, budgets and a
+financial restriction. Tenant B (its own tenant, project, user and adapter) owns an
+allocation, so its lists are not trivially empty.
+N is A's neighbour: another project of A's tenant, with a user (its project's owner,
+a member of the tenant) and an adapter.
 
 Almost everything is created through the HTTP API; what has no operation of its own is
 seeded with the domain commands through the server's own application, as an operator's
@@ -50,6 +52,8 @@ BALANCE_A = 7_316_429
 CHECKOUT_A = 4_818_273
 REFUND_A = 1_219_341
 SECRET_TEXT = "tenant-a-private-7f3c"
+#: nodes of the first SKU: room for A's, B's and the role matrix's allocations
+NODES = 16
 APP_MANIFEST = {"operating_modes": ["platform_managed"], "pricing": [
     {"component": "control_plane", "usage_unit": "instance_hour",
      "unit_price": {"amount_minor": 360, "currency": "USD"}}]}
@@ -57,7 +61,9 @@ APP_MANIFEST = {"operating_modes": ["platform_managed"], "pricing": [
 
 @dataclass
 class Tenant:
-    """A tenant with one project: a user, a second member, the project's adapter."""
+    """A tenant with one project: a user (the project's owner, and ``tenant_role`` of the
+    tenant), a second member (a token without role claims: tenant and project
+    ``member``), the project's adapter."""
 
     name: str
     secret: str
@@ -66,19 +72,24 @@ class Tenant:
     user: uuid.UUID = field(default_factory=uuid.uuid4)
     member: uuid.UUID = field(default_factory=uuid.uuid4)
     adapter_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    tenant_role: str = "owner"
     ids: dict[str, str] = field(default_factory=dict)
 
-    def _person(self, user: uuid.UUID) -> str:
-        return mint_token(self.secret, user_id=user, tenant_id=self.tenant,
-                          project_ids=[str(self.project)])
+    def person(self, user: uuid.UUID | None = None, *, tenant_role: str | None = None,
+               project_role: str | None = None) -> str:
+        """A token of ``user`` (default: the tenant's user) as a member of the project,
+        in the roles given (the claims are left out for those not given)."""
+        return mint_token(self.secret, user_id=user or self.user, tenant_id=self.tenant,
+                          project_ids=[str(self.project)], tenant_role=tenant_role,
+                          project_roles={self.project: project_role} if project_role else None)
 
     @property
     def token(self) -> str:
-        return self._person(self.user)
+        return self.person(tenant_role=self.tenant_role, project_role="owner")
 
     @property
     def member_token(self) -> str:
-        return self._person(self.member)
+        return self.person(self.member)
 
     @property
     def adapter(self) -> str:
@@ -123,7 +134,7 @@ class World:
                                 platform_roles=["platform_superadmin"])
         self.ops = mint_token(secret, user_id=uuid.uuid4(), platform_roles=["platform_ops"])
         self.a, self.b = Tenant("A", secret), Tenant("B", secret)
-        self.n = Tenant("N", secret, tenant=self.a.tenant)
+        self.n = Tenant("N", secret, tenant=self.a.tenant, tenant_role="member")
         self.position = 0
         self.requests = 0
         self.statuses: Counter[int] = Counter()
@@ -224,7 +235,10 @@ def _operator_setup(w: World) -> None:
         w.ok("POST", "/api/v1/admin/skus", w.admin, 201, body=sku_body(name), key=uuid.uuid4().hex)
         w.ok("POST", "/api/v1/admin/skus/{sku}/activate", w.admin, sku=name, key=uuid.uuid4().hex)
         w.skus.append(name)
-    for i in range(9):
+    # room for every allocation the tests make as A's user (the default is 5 per user)
+    w.ok("PUT", "/api/v1/admin/allocations/limits/policy", w.admin, body={"value": 50},
+         key=uuid.uuid4().hex)
+    for i in range(NODES):
         node = w.ok("POST", "/api/v1/admin/nodes", w.admin, 201, key=uuid.uuid4().hex, body={
             "host": f"10.77.{i}.{uuid.uuid4().int % 250}", "sku": w.skus[0], "gpus_total": 8,
             "region_code": "eu-1", "probe": False})

@@ -15,7 +15,11 @@ operation whose request names a resource or a scope:
   for a project that does not exist.
 - **Lower roles**, where the contract or docs/decisions.md tells roles apart: a project
   member on the adapter's report operations and on entitlement upserts; ``platform_ops``
-  on the operations the contract reserves for platform admins.
+  on the operations the contract reserves for platform admins; a project ``viewer`` on
+  every project-scoped mutation (403 ``insufficient_permissions``, nothing written),
+  while the same person as ``member`` gets the domain's answer; the project and tenant
+  audit lists per project and tenant role; a tenant ``billing_viewer`` on billing reads
+  (the owner's answers) and mutations (403); and an unknown role value (401).
 - **Lists and queries** B (and N, where not tenant-wide) may call in its own scope
   answer 200 with none of A's identifiers, even right after A asked the same (the read
   cache), and a token whose project list shrank is not served the older token's answer.
@@ -45,6 +49,7 @@ from typing import Any
 
 import httpx
 import pytest
+from psycopg.sql import SQL, Identifier
 
 from api.app import implemented_routes
 from api.auth import mint_token
@@ -114,6 +119,10 @@ BODIES: dict[str, Any] = {
     "upsertProjectAppEntitlement": {"enabled": True},
     "upsertV3AccessAppEntitlement": {"enabled": True},
 }
+#: the audit lists only project or tenant administrators read: callers in their own
+#: scope send them as the project's and tenant's owner, so the answer is the scope's
+ADMINISTERED = {"listProjectAuditLogs", "listV3ProjectEvidenceAuditLogs", "listOrgAuditLogs",
+                "listV3TenantEvidenceAuditLogs"}
 #: the adapter's operations: B's side calls them with B's service account
 REPORTS = {"reportAppInstance", "reportAppInstanceMember", "reportAppInstanceMemberOperation",
            "reportAppInstanceRepairOperation"}
@@ -312,7 +321,8 @@ def test_a_foreign_id_is_answered_like_a_random_one(w: World, operation_id: str,
     A's in the answer and nothing written."""
     TALLY[f"foreign ids ({caller}): operations"] += 1
     them = getattr(w, CALLERS[caller])
-    token = them.adapter if canonical(operation_id) in REPORTS else them.member_token
+    token = them.adapter if canonical(operation_id) in REPORTS else \
+        them.token if canonical(operation_id) in ADMINISTERED else them.member_token
     probe = Probe(w, operation_id, token, own_scope(w, operation_id, them))
     names = slots(operation_id)
     theirs = {n: w.secrets[n] for n in names}
@@ -362,7 +372,9 @@ def test_a_foreign_scope_is_refused_like_a_missing_one(w: World, operation_id: s
     project, with A's ids in it: 403, the same answer as for a project or tenant that
     does not exist."""
     TALLY[f"foreign scope ({caller}): operations"] += 1
-    token = {"B": w.b.member_token, "B's adapter": w.b.adapter, "N": w.n.member_token}[caller]
+    person = "token" if canonical(operation_id) in ADMINISTERED else "member_token"
+    token = {"B": getattr(w.b, person), "B's adapter": w.b.adapter,
+             "N": getattr(w.n, person)}[caller]
     theirs = {n: w.secrets[n] for n in slots(operation_id) | {"project", "tenant"}}
     random = {n: random_like(n) for n in theirs}
     before = appended(w.stores)
@@ -437,6 +449,314 @@ def test_platform_ops_is_refused_what_needs_platform_admin(w: World) -> None:
         assert response.status_code == 200, (operation_id, response.text)
         TALLY["lower role: allowed controls"] += 1
     assert w.call("GET", "/api/v1/billing/balance", w.a.token).json() == balance
+
+
+# ---- tenant and project roles -----------------------------------------------------------
+def events(w: World) -> int:
+    """Every row of the event log, idempotency records included."""
+    recorder = w.stores.app.recorder
+    with w.stores.query_pool.connection() as conn:
+        row = conn.execute(SQL("SELECT count(*) AS n FROM {0}.{1}").format(
+            Identifier(recorder.datastore.schema),
+            Identifier(recorder.events_table_name))).fetchone()
+    return row["n"] if isinstance(row, dict) else row[0]
+
+
+#: operations only operators may call (docs/decisions.md: entitlement upserts), which
+#: refuse a project's viewer and member alike (``test_a_project_member_is_not_…``)
+OPERATOR_ONLY = {"upsertProjectAppEntitlement", "upsertV3AccessAppEntitlement"}
+PROJECT_MUTATIONS = [op for op in SCOPED if scope_of(op) in ("header", "project")
+                     and ROUTES[op][0] != "GET" and canonical(op) not in REPORTS | OPERATOR_ONLY]
+#: bodies that launch in A's project as its member (no placement on A's allocations)
+ROLE_BODIES: dict[str, Any] = {
+    "submitV3AppLaunch": {"app_version": "1"}, "precheckV3AppLaunch": {"app_version": "1"},
+    "createAppInstance": {"app_slug": "<slug>", "app_version": "1", "display_name": "roles"},
+}
+#: what the member's request answers when it is not 202: a fresh allocation is
+#: ``requested`` until a node agent reports it active, and only an active one restarts
+MEMBER_STATUS = {"createAllocation": (201, None), "precheckV3ComputeLaunch": (200, None),
+                 "precheckV3AppLaunch": (200, None),
+                 "restartAllocation": (409, "allocation_not_active")}
+INSTANCE = "/api/v1/projects/{project_id}/app-instances/{app_instance_id}"
+#: what an app instance goes through before the operation can apply to it
+PREPARE = {"start": [("stop", None)],
+           "rollback": [("upgrade", {"app_version": "2"}), ("report", {"status": "running"})]}
+
+
+def fresh_allocation(w: World) -> str:
+    made = w.ok("POST", "/api/v1/allocations", w.a.token, 201, project=w.a.project,
+                key=uuid.uuid4().hex, body=fill(BODIES["createAllocation"], {"sku": w.skus[0]}))
+    return made["allocation"]["id"]
+
+
+def fresh_instance(w: World, action: str) -> str:
+    """A running app instance of A's project (made by A's owner, reported by the
+    adapter), taken to where ``action`` applies."""
+    a = w.a
+    made = w.ok("POST", "/api/v1/projects/{project_id}/app-instances", a.token, 202,
+                project_id=a.project, key=uuid.uuid4().hex,
+                body={"app_slug": w.slugs[0], "app_version": "1", "display_name": "roles"})
+    where = {"project_id": a.project, "app_instance_id": made["id"]}
+    w.ok("POST", INSTANCE + "/report", a.adapter, body={"status": "running"}, **where)
+    for step, body in PREPARE.get(action, []):
+        if step == "report":
+            w.ok("POST", INSTANCE + "/report", a.adapter, body=body, **where)
+        else:
+            w.ok("POST", INSTANCE + "/" + step, a.token, 202, key=uuid.uuid4().hex, body=body,
+                 **where)
+    return made["id"]
+
+
+def test_the_role_matrix_covers_every_project_mutation() -> None:
+    """Every tenant-called operation that is not a read and names a project is in the
+    viewer matrix, the adapter's reports or the operators' entitlement upserts."""
+    tenant_writes = {op for op in SCOPED if scope_of(op) in ("header", "project")
+                     and ROUTES[op][0] != "GET"}
+    assert tenant_writes == set(PROJECT_MUTATIONS) | {
+        op for op in tenant_writes if canonical(op) in REPORTS | OPERATOR_ONLY}
+    assert len(PROJECT_MUTATIONS) >= 30
+
+
+@pytest.mark.parametrize("operation_id", PROJECT_MUTATIONS)
+def test_a_project_viewer_is_refused_every_mutation_a_member_may_make(
+        w: World, operation_id: str) -> None:
+    """A's user as the project's ``viewer`` (a tenant ``member``): 403
+    ``insufficient_permissions`` on a resource that exists, before anything is read or
+    written (not even an idempotency record); the same person as ``member``: the
+    domain's answer, which is the operation's success (for a restart, the allocation's
+    state refusal: it is not active yet)."""
+    TALLY["roles: project mutations"] += 1
+    a = w.a
+    viewer = a.person(tenant_role="member", project_role="viewer")
+    member = a.person(tenant_role="member", project_role="member")
+    method, template = ROUTES[operation_id]
+    # the resource is made first, then the log is counted around the viewer's request
+    names = path_names(operation_id)
+    values: dict[str, Any] = {"project_id": a.project, "app_slug": w.slugs[0]}
+    if "allocation_id" in names:
+        values["allocation_id"] = fresh_allocation(w)
+    if "app_instance_id" in names:
+        values["app_instance_id"] = fresh_instance(w, template.rsplit("/", 1)[-1])
+    op = canonical(operation_id)
+    body = fill(ROLE_BODIES.get(op, BODIES.get(op)), {"sku": w.skus[0], "slug": w.slugs[0]})
+    path = {n: v for n, v in values.items() if n in names}
+
+    def send(token: str) -> httpx.Response:
+        return w.call(method, template, token, project=a.project, key=uuid.uuid4().hex,
+                      body=body if body is not None else {}, **path)
+
+    before = events(w)
+    refused = send(viewer)
+    assert refused.status_code == 403, (operation_id, refused.text)
+    assert refusal(refused)["code"] == "insufficient_permissions", refused.text
+    assert events(w) == before, f"{operation_id} wrote for a viewer"
+    assert not leaks(w, refused, {str(v) for v in values.values()}, {"tenant", "project"})
+    TALLY["roles: refusals"] += 1
+    allowed = send(member)
+    status, code = MEMBER_STATUS.get(op, (202, None))
+    assert allowed.status_code == status, (operation_id, allowed.text)
+    if code is not None:
+        assert refusal(allowed)["code"] == code, allowed.text
+    TALLY[f"roles: member answers {status}"] += 1
+
+
+def test_launches_check_the_callers_project_role_against_launch_roles(w: World) -> None:
+    """An entitlement whose ``launch_roles`` are owner and admin: A's member is refused
+    the create and the V3 submit (403 ``insufficient_permissions``,
+    ``launch_role_required``, nothing written) and sees it as the precheck's
+    entitlement blocker; A's project admin launches."""
+    a, slug = w.a, w.slugs[1]
+    w.ok("PUT", "/api/v1/projects/{project_id}/apps/entitlements/{app_slug}", w.admin,
+         project_id=a.project, app_slug=slug, key=uuid.uuid4().hex,
+         body={"enabled": True, "policy_overrides": {"launch_roles": ["owner", "admin"]}})
+    member = a.person(tenant_role="member", project_role="member")
+    admin = a.person(tenant_role="member", project_role="admin")
+    create = ("POST", "/api/v1/projects/{project_id}/app-instances",
+              {"app_slug": slug, "app_version": "1", "display_name": "roles"})
+    submit = ("POST", "/api/v1/launch/apps/{app_slug}", {"app_version": "1"})
+    before = events(w)
+    for method, template, body in (create, submit):
+        refused = w.call(method, template, member, project=a.project, key=uuid.uuid4().hex,
+                         body=body, project_id=a.project, app_slug=slug)
+        assert refused.status_code == 403, (template, refused.text)
+        assert (refusal(refused)["code"], refused.json()["details"]["reason"]) == \
+            ("insufficient_permissions", "launch_role_required"), refused.text
+        TALLY["roles: refusals"] += 1
+    assert events(w) - before == 2  # the refusals' idempotency records, no domain event
+    checks = w.ok("POST", "/api/v1/launch/apps/{app_slug}/precheck", member, project=a.project,
+                  app_slug=slug, body={"app_version": "1"})["checks"]
+    assert {c["id"]: c["status"] for c in checks}["entitlement"] == "blocker"
+    for method, template, body in (create, submit):
+        w.ok(method, template, admin, 202, project=a.project, key=uuid.uuid4().hex, body=body,
+             project_id=a.project, app_slug=slug)
+
+
+#: the audit lists "visible to project administrators" and their V3 evidence twins
+PROJECT_AUDIT = ["listProjectAuditLogs", "listV3ProjectEvidenceAuditLogs",
+                 "listV3ProjectEvidenceAuditLogsCompat"]
+#: the audit lists "visible to tenant administrators" and their V3 evidence twins
+TENANT_AUDIT = ["listOrgAuditLogs", "listV3TenantEvidenceAuditLogs",
+                "listV3TenantEvidenceAuditLogsCompat"]
+#: caller -> (tenant role, project role or None for no membership of A's project,
+#: platform roles, may read the project lists, may read the tenant lists)
+AUDIT_CALLERS: dict[str, tuple[str, str | None, list[str], bool, bool]] = {
+    "project owner": ("member", "owner", [], True, False),
+    "project admin": ("member", "admin", [], True, False),
+    "project member": ("member", "member", [], False, False),
+    "project viewer": ("member", "viewer", [], False, False),
+    "tenant owner": ("owner", "member", [], True, True),
+    "tenant admin": ("admin", "member", [], True, True),
+    "tenant admin, viewer of the project": ("admin", "viewer", [], True, True),
+    "tenant billing_viewer": ("billing_viewer", "member", [], False, False),
+    "tenant admin, not in the project": ("admin", None, [], False, True),
+    "platform auditor in the project": ("member", "member", ["platform_ops"], True, True),
+}
+
+
+def audit_caller(w: World, caller: str) -> str:
+    tenant_role, project_role, platform_roles, *_ = AUDIT_CALLERS[caller]
+    projects = [] if project_role is None else [str(w.a.project)]
+    return mint_token(w.secret, user_id=uuid.uuid4(), tenant_id=w.a.tenant,
+                      tenant_role=tenant_role, project_ids=projects,
+                      project_roles={w.a.project: project_role} if project_role else None,
+                      platform_roles=platform_roles)
+
+
+def audit_request(w: World, operation_id: str, token: str) -> httpx.Response:
+    method, template = ROUTES[operation_id]
+    headers = {"X-Tenant-ID": str(w.a.tenant)} if "evidence" in template and \
+        operation_id in TENANT_AUDIT else None
+    return w.call(method, template, token, query={"page_size": 200}, headers=headers,
+                  project=w.a.project if "ProjectIdHeader" in parameters(operation_id)
+                  else None, project_id=w.a.project, org_id=w.a.tenant)
+
+
+@pytest.mark.parametrize("operation_id, caller",
+                         [(op, c) for op in PROJECT_AUDIT + TENANT_AUDIT for c in AUDIT_CALLERS])
+def test_audit_lists_are_for_administrators(w: World, operation_id: str, caller: str) -> None:
+    """A project's audit lists answer its owners and admins (a tenant owner or admin is
+    that in each project it belongs to) and platform auditors; a tenant's, its owners
+    and admins and platform auditors: exactly the rows A's owner sees. Anyone else of
+    A's gets 403 ``insufficient_permissions`` with nothing of A's in it."""
+    TALLY["roles: audit list calls"] += 1
+    *_, reads_project, reads_tenant = AUDIT_CALLERS[caller]
+    allowed = reads_project if operation_id in PROJECT_AUDIT else reads_tenant
+    owner = audit_request(w, operation_id, w.a.token)
+    assert owner.status_code == 200, owner.text
+    assert owner.json()["items"], operation_id
+    answer = audit_request(w, operation_id, audit_caller(w, caller))
+    if allowed:
+        assert answer.status_code == 200, (operation_id, caller, answer.text)
+        assert [i["id"] for i in answer.json()["items"]] == \
+            [i["id"] for i in owner.json()["items"]]
+        return
+    assert answer.status_code == 403, (operation_id, caller, answer.text)
+    body = refusal(answer)
+    assert body["code"] == "insufficient_permissions", answer.text
+    if AUDIT_CALLERS[caller][1] is None:  # not a member: the scope's refusal, as for anyone
+        assert body["message"] == "no access to this project", answer.text
+    else:
+        assert "role" in body["message"], answer.text
+    assert not leaks(w, answer, known={"tenant", "project"}), answer.text
+    TALLY["roles: refusals"] += 1
+
+
+def test_a_demoted_administrator_is_not_served_the_cached_audit_list(w: World) -> None:
+    """The same person, first the tenant's admin (its answer cached), then a member: 403."""
+    user = uuid.uuid4()
+    for role, status in (("admin", 200), ("member", 403), ("admin", 200)):
+        token = mint_token(w.secret, user_id=user, tenant_id=w.a.tenant, tenant_role=role,
+                           project_ids=[str(w.a.project)])
+        assert audit_request(w, "listOrgAuditLogs", token).status_code == status, role
+
+
+def test_a_caller_without_a_tenant_administers_only_their_personal_org(w: World) -> None:
+    """No tenant: the caller is the one person, the owner, of their personal org; A's
+    org stays the scope's 403."""
+    from domain.admission import personal_org_id
+
+    user = uuid.uuid4()
+    token = mint_token(w.secret, user_id=user)
+    template = "/api/v1/orgs/{org_id}/audit-logs"
+    assert w.call("GET", template, token, org_id=personal_org_id(user)).status_code == 200
+    refused = w.call("GET", template, token, org_id=w.a.tenant)
+    assert (refused.status_code, refusal(refused)["message"]) == \
+        (403, "no access to this organization")
+
+
+#: billing operations (caller-scoped or tenant-wide) and the side-effect-free POST
+BILLING = sorted(op for op, (_, path) in ROUTES.items() if path.startswith("/api/v1/billing/")
+                 or path == "/api/v1/payments/checkout-session")
+BILLING_READS = [op for op in BILLING
+                 if ROUTES[op][0] == "GET" or op == "evaluateBillingBudgetDecision"]
+BILLING_MUTATIONS = [op for op in BILLING if op not in BILLING_READS]
+BILLING_PATH = {"invoice_id": "invoice", "rated_usage_line_id": "rated_line"}
+
+
+def billing_request(w: World, operation_id: str, token: str,
+                    key: str | None = None) -> httpx.Response:
+    method, template = ROUTES[operation_id]
+    path = {n: w.a.ids[BILLING_PATH[n]] for n in path_names(operation_id)}
+    body = fill(BODIES.get(operation_id), {"project": str(w.a.project)})
+    return w.call(method, template, token, body=body, key=key, **path)
+
+
+def test_the_billing_operations_are_known() -> None:
+    assert BILLING_MUTATIONS == ["createChargeSession"]
+    assert len(BILLING_READS) == 13
+
+
+@pytest.mark.parametrize("operation_id", BILLING_READS)
+def test_a_billing_viewer_reads_billing_as_the_owner_does(w: World, operation_id: str) -> None:
+    """A's user as the tenant's ``billing_viewer``: the very answer A's owner gets."""
+    TALLY["roles: billing reads"] += 1
+    owner = billing_request(w, operation_id, w.a.token)
+    viewer = billing_request(w, operation_id, w.a.person(tenant_role="billing_viewer"))
+    assert owner.status_code == 200, owner.text
+    assert viewer.status_code == 200, (operation_id, viewer.text)
+    assert normalised(viewer, {}) == normalised(owner, {}), operation_id
+    if operation_id == "listBillingInvoices":  # the answers are A's, not empty ones
+        assert w.a.ids["invoice"] in viewer.text
+
+
+@pytest.mark.parametrize("operation_id", BILLING_MUTATIONS)
+def test_a_billing_viewer_may_not_act_on_the_tenants_account(w: World,
+                                                             operation_id: str) -> None:
+    """403 ``insufficient_permissions`` before anything is written; a tenant member (no
+    role claim) and the owner are served."""
+    TALLY["roles: billing mutations"] += 1
+    before = events(w)
+    refused = billing_request(w, operation_id, w.a.person(tenant_role="billing_viewer"),
+                              key=uuid.uuid4().hex)
+    assert refused.status_code == 403, refused.text
+    assert refusal(refused)["code"] == "insufficient_permissions", refused.text
+    assert events(w) == before
+    TALLY["roles: refusals"] += 1
+    for token in (w.a.member_token, w.a.person(tenant_role="owner")):
+        assert billing_request(w, operation_id, token, key=uuid.uuid4().hex).status_code == 200
+
+
+UNKNOWN_ROLES = {"tenant role": {"tenant_role": "superuser"},
+                 "project role": {"project_roles": {"<project>": "root"}}}
+
+
+def test_an_unknown_role_value_is_an_invalid_token(w: World) -> None:
+    """A token naming a role outside the contract's lists is 401 ``token_invalid`` on
+    every operation that takes a bearer token, before anything else."""
+    before = events(w)
+    for operation_id in sorted(set(ROUTES) - {"getHealth", "stripeWebhook"}):
+        method, template = ROUTES[operation_id]
+        path = {n: uuid.uuid4() for n in path_names(operation_id)}
+        for claims in UNKNOWN_ROLES.values():
+            token = mint_token(w.secret, user_id=w.a.user, tenant_id=w.a.tenant,
+                               project_ids=[str(w.a.project)],
+                               **fill(claims, {"project": str(w.a.project)}))
+            response = w.call(method, template, token, project=w.a.project, checked=False,
+                              body={} if method in ("POST", "PUT", "PATCH") else None, **path)
+            assert response.status_code == 401, (operation_id, response.text)
+            assert refusal(response)["code"] == "token_invalid", response.text
+            TALLY["roles: unknown role refusals"] += 1
+    assert events(w) == before
 
 
 # ---- lists and queries in B's own scope -------------------------------------------------

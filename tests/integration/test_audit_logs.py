@@ -69,9 +69,12 @@ class Api:
         self.position = 0
 
     def caller(self) -> Caller:
+        """A tenant's owner, owner of its one project: the project and org lists are
+        "visible to project administrators" and "to tenant administrators"."""
         user, project, tenant = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         token = mint_token(self.tokens.secret, user_id=user, tenant_id=tenant,
-                           project_ids=[str(project)])
+                           project_ids=[str(project)], tenant_role="owner",
+                           project_roles={project: "owner"})
         return Caller(user, project, tenant, token)
 
     def note(self, response: httpx.Response) -> httpx.Response:

@@ -135,3 +135,140 @@ def test_a_verified_token_is_remembered_only_within_its_window(monkeypatch: pyte
     with pytest.raises(errors.ApiError) as expired:
         auth.principal_from_token(token, secret)
     assert expired.value.code == "token_expired"
+
+
+# ---- tenant and project roles ------------------------------------------------------------
+def principal(**claims: Any) -> Principal:
+    import jwt
+
+    from api.auth import ISSUER, principal_from_token
+
+    body = {"iss": ISSUER, "sub": str(uuid.uuid4()), "exp": 4_102_444_800, **claims}
+    return principal_from_token(jwt.encode(body, SECRET, algorithm="HS256"), SECRET)
+
+
+def test_role_claims_are_parsed_and_default_to_member() -> None:
+    listed, ruled, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    plain = principal(project_ids=[str(listed)])
+    assert (plain.tenant_role, plain.project_role(listed)) == ("member", "member")
+    caller = principal(tenant_role="billing_viewer", project_ids=[str(listed)],
+                       project_roles={str(ruled): "viewer", str(listed).upper(): "admin"})
+    assert caller.tenant_role == "billing_viewer"
+    assert caller.project_ids == {listed, ruled}  # a project with a role is a membership
+    assert (caller.project_role(listed), caller.project_role(ruled)) == ("admin", "viewer")
+    assert other not in caller.project_ids
+    # a tenant owner or admin is at least that in each project it belongs to
+    assert principal(tenant_role="admin", project_roles={str(ruled): "viewer"}
+                     ).project_role(ruled) == "admin"
+    assert principal(tenant_role="admin", project_roles={str(ruled): "owner"}
+                     ).project_role(ruled) == "owner"
+    assert principal(tenant_role="billing_viewer", project_roles={str(ruled): "viewer"}
+                     ).project_role(ruled) == "viewer"
+    # mint_token writes the same claims
+    minted = mint_token(SECRET, user_id=uuid.uuid4(), tenant_role="billing_viewer",
+                        project_roles={ruled: "viewer"})
+    from api.auth import principal_from_token
+    parsed = principal_from_token(minted, SECRET)
+    assert (parsed.tenant_role, parsed.project_role(ruled)) == ("billing_viewer", "viewer")
+    assert parsed.project_ids == {ruled}
+
+
+@pytest.mark.parametrize("claims", [
+    {"tenant_role": "superuser"}, {"tenant_role": ""}, {"tenant_role": "viewer"},
+    {"tenant_role": ["owner"]}, {"tenant_role": 1},
+    {"project_roles": {str(uuid.uuid4()): "billing_viewer"}},
+    {"project_roles": {str(uuid.uuid4()): "Owner"}},
+    {"project_roles": {str(uuid.uuid4()): None}},
+    {"project_roles": {"not-a-uuid": "member"}},
+    {"project_roles": [str(uuid.uuid4())]}, {"project_roles": "owner"},
+    {"project_roles": {"a" * 32: "owner", "A" * 32: "viewer"}},  # one project, two roles
+    {"actor_type": "node", "tenant_role": "member"},
+    {"actor_type": "node", "project_roles": {}},
+])
+def test_an_unknown_role_value_makes_the_token_invalid(http: TestClient,
+                                                       claims: dict[str, Any]) -> None:
+    import jwt
+
+    from api.auth import ISSUER
+
+    body = {"iss": ISSUER, "sub": str(uuid.uuid4()), "exp": 4_102_444_800, **claims}
+    response = call(http, jwt.encode(body, SECRET, algorithm="HS256"), str(uuid.uuid4()))
+    assert (response.status_code, response.json()["code"]) == (401, "token_invalid")
+
+
+def test_the_scope_key_changes_with_any_role() -> None:
+    project, user = uuid.uuid4(), str(uuid.uuid4())
+    keys = {principal(sub=user, project_ids=[str(project)], **claims).scope_key for claims in (
+        {}, {"tenant_role": "admin"}, {"tenant_role": "billing_viewer"},
+        {"project_roles": {str(project): "viewer"}}, {"project_roles": {str(project): "owner"}})}
+    assert len(keys) == 5
+    # the member default spelled out is the same caller
+    assert principal(sub=user, project_ids=[str(project)]).scope_key == principal(
+        sub=user, tenant_role="member", project_roles={str(project): "member"}).scope_key
+
+
+def test_a_viewer_only_reads_a_project(http: TestClient) -> None:
+    """``project_access``: a viewer's GET passes, anything else is 403 after the
+    membership check (a foreign project stays the membership's 403)."""
+    app = FastAPI()
+    app.state.settings = Settings(jwt_secret=SECRET)
+
+    @app.api_route("/scoped", methods=["GET", "POST", "PUT", "DELETE"])
+    def scoped(request: Request, principal: Principal = Depends(authenticate)) -> dict[str, Any]:
+        return {"project": str(project_scope(request, principal))}
+
+    errors.install(app)
+    client = TestClient(app)
+    project = uuid.uuid4()
+    roles = {role: mint_token(SECRET, user_id=uuid.uuid4(), project_roles={project: role})
+             for role in ("viewer", "member", "admin", "owner")}
+    lifted = mint_token(SECRET, user_id=uuid.uuid4(), tenant_role="admin",
+                        project_roles={project: "viewer"})
+    for method in ("GET", "POST", "PUT", "DELETE"):
+        for role, token in {**roles, "viewer, tenant admin": lifted}.items():
+            response = client.request(method, "/scoped", headers={
+                "Authorization": f"Bearer {token}", "X-Project-ID": str(project)})
+            refused = role == "viewer" and method != "GET"
+            assert response.status_code == (403 if refused else 200), (method, role)
+            if refused:
+                assert response.json()["code"] == "insufficient_permissions"
+        elsewhere = client.request(method, "/scoped", headers={
+            "Authorization": f"Bearer {roles['viewer']}", "X-Project-ID": str(uuid.uuid4())})
+        assert (elsewhere.status_code, elsewhere.json()["message"]) == \
+            (403, "no access to this project")
+
+
+def test_the_testing_kit_mints_roles() -> None:
+    from api.auth import principal_from_token
+    from ledgercore_testing import Tokens
+
+    tokens, project, other = Tokens(SECRET), uuid.uuid4(), uuid.uuid4()
+    caller = principal_from_token(tokens.user(
+        uuid.uuid4(), tenant_id=uuid.uuid4(), project_id=project, tenant_role="billing_viewer",
+        project_role="viewer", project_roles={str(other): "admin"}), SECRET)
+    assert caller.tenant_role == "billing_viewer"
+    assert (caller.project_role(project), caller.project_role(other)) == ("viewer", "admin")
+    plain = principal_from_token(tokens.user(uuid.uuid4(), project_id=project), SECRET)
+    assert (plain.tenant_role, plain.project_role(project)) == ("member", "member")
+    with pytest.raises(ValueError):
+        tokens.user(uuid.uuid4(), project_role="viewer")
+
+
+def test_the_token_command_mints_tenant_and_project_roles(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from api.auth import principal_from_token
+    from infra.cli import cli
+
+    secret = "c" * 40
+    monkeypatch.setenv("LEDGERCORE_JWT_SECRET", secret)
+    viewing, member = uuid.uuid4(), uuid.uuid4()
+    result = CliRunner().invoke(cli, ["token", "--user-id", str(uuid.uuid4()),
+                                      "--project", f"{viewing}=viewer", "--project", str(member),
+                                      "--tenant-role", "billing_viewer"])
+    assert result.exit_code == 0, result.output
+    principal = principal_from_token(result.stdout.strip().splitlines()[-1], secret)
+    assert principal.project_ids == {viewing, member}
+    assert principal.project_role(viewing) == "viewer"
+    assert principal.project_role(member) == "member"
+    assert principal.tenant_role == "billing_viewer"
