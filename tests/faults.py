@@ -103,6 +103,7 @@ class Adjustment:
     sent_at: float = 0.0  # when the first attempt was sent, and answered
     first_answered_at: float = 0.0
     last: str = ""  # the last answer's body (for failure messages)
+    replayed: bool = False  # a retry was answered from its idempotency record
 
     @property
     def signed(self) -> int:
@@ -117,6 +118,7 @@ class Adjustment:
                 "reason": "fault load"}, headers={**bearer(admin), "Idempotency-Key": self.key,
                                                   "X-Request-Id": self.request_id})
             got, self.last = str(response.status_code), response.text[:300]
+            self.replayed |= response.headers.get("Idempotent-Replayed") == "true"
             if response.status_code == 200:
                 outcome = "acked"
             elif response.status_code in (400, 409) and response.json().get("code") == "insufficient_balance":
@@ -138,12 +140,14 @@ class Adjustment:
 
 class AdjustLoad:
     """``clients`` threads, each on its own keep-alive connection, sending adjustments
-    to random users until stopped; a third are debits that may overdraw."""
+    to random users until stopped; a third are debits that may overdraw. A client waits
+    ``pause`` between commands, and ``backoff`` after one without a final answer (a
+    server that is down is not hammered)."""
 
     def __init__(self, url: str, admin: str, users: list[uuid.UUID], clients: int = 6,
-                 seed: int = 7, pause: float = 0.0):
+                 seed: int = 7, pause: float = 0.0, backoff: float = 0.0):
         self.url, self.admin, self.users, self.clients = url, admin, users, clients
-        self.pause = pause
+        self.pause, self.backoff = pause, backoff
         self.random = random.Random(seed)
         self.sent: list[Adjustment] = []
         self._lock = threading.Lock()
@@ -161,9 +165,10 @@ class AdjustLoad:
     def _client(self) -> None:
         with httpx.Client(base_url=self.url, timeout=15) as http:
             while not self._stop.is_set():
-                self._next().send(http, self.admin)
-                if self.pause:
-                    time.sleep(self.pause)
+                outcome = self._next().send(http, self.admin)
+                wait = self.backoff if outcome == "unknown" and self.backoff else self.pause
+                if wait:
+                    time.sleep(wait)
 
     def start(self) -> AdjustLoad:
         """Start the clients (again, after ``stop``: what was sent is kept)."""
@@ -211,6 +216,7 @@ class AdjustLoad:
                 "acknowledged": sum(c.outcome == "acked" for c in self.sent),
                 "refused": sum(c.outcome == "refused" for c in self.sent),
                 "unknown_at_first": sum(c.first_outcome == "unknown" for c in self.sent),
+                "replayed_on_retry": sum(c.replayed for c in self.sent),
                 "first_answers": dict(firsts)}
 
 

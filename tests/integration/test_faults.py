@@ -1,6 +1,7 @@
 """Faults injected under load, each against services of the test's own (a private
 Postgres, Redis and broker; the suite's shared ones are never stopped): Postgres
-restarted mid-load, Redis stopped and started, the broker paused and restarted under
+restarted mid-load, the API server process (and with it its projector process) SIGKILLed
+at random moments, Redis stopped and started, the broker paused and restarted under
 the Kafka transport, the relay and the Kafka projector SIGKILLed at random moments, and
 the database refusing a batch's transaction after its commands changed aggregates in
 memory. After recovery: every acknowledged command is in the event store exactly once,
@@ -23,8 +24,10 @@ from typing import Any
 import httpx
 import pytest
 
+import projections
 from api.app import create_app
 from infra.db import Stores
+from projections.store import position
 from tests.conftest import Database, make_settings
 from tests.faults import (AdjustLoad, Private, assert_exactly_once, audited, crash, env_number,
                           private_services, read_model_balances, wait_caught_up)
@@ -36,7 +39,7 @@ RESTARTS = int(env_number("LEDGERCORE_FAULT_RESTARTS", 2))
 LOAD_SECONDS = env_number("LEDGERCORE_FAULT_SECONDS", 3)
 #: how long Postgres stays down at each restart
 OUTAGE_SECONDS = 3.0
-#: SIGKILLs of the relay and of the projector under load (each)
+#: SIGKILLs of the relay and of the projector under load (each), and of the API process
 KILLS = int(env_number("LEDGERCORE_FAULT_KILLS", 3))
 
 
@@ -131,6 +134,100 @@ def test_postgres_restarted_mid_load_loses_and_doubles_nothing(private: Private,
                                 "read_models_caught_up_s": round(caught_up, 2),
                                 "events_verified": verified.events,
                                 "ledger_entries_verified": verified.entries})
+
+
+# ---- the API server process SIGKILLed (its projector process goes with it) ---------------
+def read_model_lag(stores: Stores) -> int:
+    """How many events the slowest read model is behind the head of the log."""
+    head = stores.app.recorder.max_notification_id() or 0
+    prefix = stores.position_source_prefix()
+    with stores.query_pool.connection() as conn, conn.cursor() as cur:
+        return head - min(position(cur, p.name, prefix) for p in projections.ALL)
+
+
+def test_api_process_killed_mid_load_loses_and_doubles_nothing(private: Private, tokens: Any,
+                                                               tmp_path: Any) -> None:
+    """The service as ``./scripts/run`` runs it: ``ledgercore run``, the API and its batch
+    writer in one process, the direct transport's projector in a child process that the
+    kernel stops when ``run`` dies. SIGKILLed under load at random moments (seeded) and
+    started again on the same port: whatever it had in flight (requests, its batch
+    queue, a projector batch) dies with it; retried with
+    their keys, nothing acknowledged is lost or doubled, and the new process's projector
+    resumes from the recorded positions to a replay-equal state."""
+    import signal
+
+    from tests.harness import CliProcess, free_port
+
+    rng = random.Random(13)
+    users = [uuid.uuid4() for _ in range(8)]
+    database = Database(private.services)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"LEDGERCORE_PG_DSN": database.dsn, "LEDGERCORE_REDIS_URL": private.redis.url,
+           "LEDGERCORE_JWT_SECRET": tokens.secret, "LEDGERCORE_HOST": "127.0.0.1",
+           "LEDGERCORE_PORT": str(port), "LEDGERCORE_TRANSPORT": "direct",
+           "LEDGERCORE_RUN_PROJECTOR": "on", "LEDGERCORE_DATA_DIR": str(tmp_path),
+           "LEDGERCORE_REDIS_PREFIX": f"lc-kill-{uuid.uuid4().hex[:6]}"}
+    processes: list[CliProcess] = []
+
+    def start() -> None:
+        """Start the service (the same port every time) and wait until it answers."""
+        processes.append(CliProcess(["run"], env, "api-sigkill").start())
+        try:
+            wait_answering(url)
+        except AssertionError:
+            raise AssertionError(processes[-1].output()[-3000:]) from None
+
+    stores: Stores | None = None
+    kills: list[dict[str, Any]] = []
+    try:
+        start()
+        stores = Stores.open(make_settings(private.services, database.dsn))
+        load = AdjustLoad(url, tokens.admin(), users, clients=6, seed=17, backoff=0.2).start()
+        try:
+            for _ in range(KILLS):
+                time.sleep(rng.uniform(0.5, 2.5))
+                lag = read_model_lag(stores)
+                moment = time.monotonic()
+                processes[-1].process.send_signal(signal.SIGKILL)
+                assert processes[-1].wait(10) == -signal.SIGKILL
+                start()
+                up = time.monotonic()
+                while (first := load.acked_after(up)) is None:
+                    assert time.monotonic() - up < 60, "no command acknowledged after the restart"
+                    time.sleep(0.05)
+                kills.append({"at": moment, "read_models_behind": lag, "down_s": up - moment,
+                              "first_ack_s": first - up})
+            time.sleep(LOAD_SECONDS)
+        finally:
+            load.stop()
+        retries = load.settle()
+        caught_up = wait_caught_up(stores)
+        found = assert_exactly_once(stores, load)
+        balances, sums = read_model_balances(stores)
+        expected = load.expected_balances()
+        assert {u: balances.get(u, 0) for u in expected} == expected
+        assert {u: sums.get(u, 0) for u in expected} == expected
+        verified = audited(stores)
+        assert processes[-1].process.poll() is None, processes[-1].output()[-3000:]
+    finally:
+        for process in processes:
+            process.stop()
+        if stores is not None:
+            stores.close()
+        database.drop()
+    summary = load.summary()
+    in_flight = [sum(c.in_flight_at(k["at"]) for c in load.sent) for k in kills]
+    assert sum(in_flight) > 0, "no command was in flight at a kill: the fault was not exercised"
+    assert summary["acknowledged"] > 0 and summary["refused"] > 0
+    report("api process sigkill", {
+        **summary, **found, "sigkills": KILLS, "retries": retries,
+        "in_flight_at_each_kill": in_flight,
+        "read_models_behind_at_each_kill": [k["read_models_behind"] for k in kills],
+        "kill_to_answering_s": [round(k["down_s"], 2) for k in kills],
+        "first_ack_after_restart_s": [round(k["first_ack_s"], 2) for k in kills],
+        "read_models_caught_up_s": round(caught_up, 2), "events_verified": verified.events,
+        "ledger_entries_verified": verified.entries})
 
 
 # ---- Redis stopped and started -----------------------------------------------------------
