@@ -102,6 +102,10 @@ class Ledgercore(Application[UUID]):
         except AggregateNotFoundError:
             return None
 
+    def get_at(self, aggregate_id: UUID, version: int) -> Any:
+        """The aggregate as it was at ``version`` (which the store holds)."""
+        return self.repository.get(aggregate_id, version=version)
+
     def absent(self, aggregate_ids: Sequence[UUID]) -> list[UUID]:
         """Which of these aggregates have no event in the store (one query)."""
         if not isinstance(getattr(self.recorder, "datastore", None), PostgresDatastore):

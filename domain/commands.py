@@ -13,7 +13,6 @@ as it was before it started, so a refused command never leaks into its neighbour
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,8 @@ class Loader(Protocol):
 
     def get_or_none(self, aggregate_id: UUID) -> Any | None: ...
 
+    def get_at(self, aggregate_id: UUID, version: int) -> Any: ...
+
 
 class AggregateCache:
     """Aggregates as last saved by this process, most recently used kept.
@@ -92,20 +93,6 @@ class AggregateCache:
             self._items.clear()
 
 
-def _clone(aggregate: Any) -> Any:
-    """A copy of an aggregate's state to roll back to, without its pending events.
-
-    Aggregate state is attributes holding immutable values or containers of them, so
-    copying the containers is enough (and far cheaper than a deep copy of the whole
-    object)."""
-    clone = copy.copy(aggregate)
-    for name, value in vars(aggregate).items():
-        if isinstance(value, (dict, list, set)):
-            clone.__dict__[name] = copy.deepcopy(value)
-    clone.__dict__["_pending_events"] = []
-    return clone
-
-
 class Session:
     def __init__(self, loader: Loader, cache: AggregateCache | None = None):
         self.loader = loader
@@ -140,10 +127,13 @@ class Session:
         self._undo = {}
 
     def _remember(self, aggregate_id: UUID) -> None:
+        """Note what the command found, to undo it by: the aggregate (or None) and how
+        many of its events were pending. Nothing is copied: an aggregate changes only by
+        its events, so one the command left at its version needs no undoing."""
         if self._undo is not None and aggregate_id not in self._undo:
             aggregate = self.loaded.get(aggregate_id)
-            self._undo[aggregate_id] = ((None, 0) if aggregate is None else
-                                        (_clone(aggregate), len(aggregate.pending_events)))
+            self._undo[aggregate_id] = (aggregate, 0 if aggregate is None
+                                        else len(aggregate.pending_events))
 
     def commit(self, changed: Sequence[Any]) -> list[tuple[UUID, int]]:
         """Keep what the command did; return (id, version) of each event it appended."""
@@ -158,12 +148,26 @@ class Session:
         return appended
 
     def rollback(self) -> None:
-        for aggregate_id, (clone, pending) in (self._undo or {}).items():
-            if clone is not None:
-                clone._pending_events = self.loaded[aggregate_id].pending_events[:pending]
-            self.loaded[aggregate_id] = clone
+        """Put back what the command found. An aggregate the command appended events to
+        is rebuilt as it was: its stored version (read from the store) plus the events
+        earlier commands of the batch left pending."""
+        for aggregate_id, (found, pending) in (self._undo or {}).items():
+            current = self.loaded.get(aggregate_id)
+            if found is None or current is None:
+                self.loaded[aggregate_id] = found
+            elif current is not found or len(current.pending_events) != pending:
+                self.loaded[aggregate_id] = self._rebuilt(current, pending)
         self.touched = set(self._undo or ())
         self._undo = None
+
+    def _rebuilt(self, aggregate: Any, pending: int) -> Any:
+        kept = aggregate.pending_events[:pending]
+        stored = aggregate.version - len(aggregate.pending_events)
+        rebuilt = self.loader.get_at(aggregate.id, stored) if stored else None
+        for event in kept:
+            rebuilt = event.mutate(rebuilt)
+        rebuilt._pending_events = list(kept)
+        return rebuilt
 
     def unproven(self) -> dict[UUID, int]:
         """Cached state the last command read that no save has checked yet."""

@@ -417,6 +417,6 @@ def test_planted_bugs_are_caught(monkeypatch: pytest.MonkeyPatch, plant: Any) ->
     plant(monkeypatch)
     with pytest.raises(AssertionError):
         run_state_machine_as_test(AllocationMachine, settings=settings(
-            max_examples=300, stateful_step_count=25, deadline=None, database=None,
+            max_examples=1500, stateful_step_count=25, deadline=None, database=None,
             phases=(Phase.generate,), suppress_health_check=list(HealthCheck),
             report_multiple_bugs=False))

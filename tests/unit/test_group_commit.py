@@ -126,3 +126,40 @@ def test_a_batch_that_fails_before_its_save_leaves_nothing_behind(
     assert app.billing_account(user).balances == {"USD": 111}
     stored = app.recorder.select_events(app.billing_account(user).id)
     assert [e.originator_version for e in stored] == list(range(1, len(stored) + 1))
+
+
+def credit_then_refuse(user: uuid.UUID, other: uuid.UUID) -> Any:
+    """A command that changes two accounts (one it opens) and then refuses."""
+    from domain.billing import BillingAccount, account_id_for
+    from domain.commands import Command
+
+    def decide(ctx: CommandContext, session: Any) -> tuple[list[Any], dict[str, Any]]:
+        account = session.get(account_id_for(user))
+        account.adjust(direction="credit", amount=Money(1_000, "USD"), reason="half-done",
+                       adjustment_id=uuid.uuid4(), provenance=ctx.provenance(), at=ctx.now)
+        assert session.get(account_id_for(other)) is None
+        opened = BillingAccount.open(other, "USD", ctx.provenance(), ctx.now)
+        session.loaded[opened.id] = opened
+        raise DomainError("refused after changing two accounts")
+
+    return Command(ctx=CommandContext(actor_id="t"), decide=decide, render=render,
+                   reads=(account_id_for(other),))
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_refused_command_leaves_no_trace_beside_earlier_commands_of_its_batch(
+        app: Ledgercore, warm: bool) -> None:
+    user, other = uuid.uuid4(), uuid.uuid4()
+    run_batch(app, [command(user, "credit", 10)] + ([command(user, "credit", 1)] if warm else []))
+    futures = run_batch(app, [command(user, "credit", 5), credit_then_refuse(user, other),
+                              command(user, "debit", 7), command(user, "credit", 2)])
+    assert [f.result().response["answer"] for f in futures] == [
+        "ok", "invalid_request", "ok", "ok"]
+    expected = 10 + (1 if warm else 0) + 5 - 7 + 2
+    assert app.billing_account(user).balances == {"USD": expected}
+    assert app.billing_account(other) is None
+    # and what the writer keeps warm is what the store holds
+    assert app.cache.get(app.billing_account(user).id).balances == {"USD": expected}
+    [after] = run_batch(app, [command(user, "debit", expected)])
+    assert after.result().response == {"answer": "ok"}
+    assert app.billing_account(user).balances == {"USD": 0}
