@@ -82,6 +82,29 @@ def wait_answering(url: str, timeout: float = 60) -> None:
 
 
 # ---- Postgres restarted mid-load --------------------------------------------------------
+def first_ack_after(load: AdjustLoad, up: float) -> float:
+    """Seconds from ``up`` (the service back) to the first command acknowledged after it."""
+    while (first := load.acked_after(up)) is None:
+        assert time.monotonic() - up < 60, "no command acknowledged after the restart"
+        time.sleep(0.05)
+    return first - up
+
+
+def recovered(stores: Stores, load: AdjustLoad, catch_up_within: float = 60) -> tuple[Any, ...]:
+    """After the fault: every unknown command retried to a final answer, every read model
+    at the head, then every check of the module docstring. Returns their figures:
+    (retries, seconds to catch up, what was found in the store, what was verified)."""
+    retries = load.settle()
+    caught_up = wait_caught_up(stores, catch_up_within)
+    found = assert_exactly_once(stores, load)
+    verified = audited(stores)
+    balances, sums = read_model_balances(stores)
+    expected = load.expected_balances()
+    assert {u: balances.get(u, 0) for u in expected} == expected
+    assert {u: sums.get(u, 0) for u in expected} == expected
+    return retries, caught_up, found, verified
+
+
 def test_postgres_restarted_mid_load_loses_and_doubles_nothing(private: Private,
                                                                tokens: Any) -> None:
     users = [uuid.uuid4() for _ in range(8)]
@@ -105,21 +128,11 @@ def test_postgres_restarted_mid_load_loses_and_doubles_nothing(private: Private,
                 private.pg.start()
                 up = time.monotonic()
                 outages.append(up - down)
-                while (first := load.acked_after(up)) is None:
-                    assert time.monotonic() - up < 60, "no command acknowledged after the restart"
-                    time.sleep(0.05)
-                recoveries.append(first - up)
+                recoveries.append(first_ack_after(load, up))
             time.sleep(LOAD_SECONDS)
         finally:
             load.stop()
-        retries = load.settle()
-        caught_up = wait_caught_up(stores)
-        found = assert_exactly_once(stores, load)
-        balances, sums = read_model_balances(stores)
-        expected = load.expected_balances()
-        assert {u: balances.get(u, 0) for u in expected} == expected
-        assert {u: sums.get(u, 0) for u in expected} == expected
-        verified = audited(stores)
+        retries, caught_up, found, verified = recovered(stores, load)
     summary = load.summary()
     # the fault is exercised when commands were in flight as Postgres went down (their
     # transaction or their wait for a connection was cut); whether they then answered
@@ -193,22 +206,12 @@ def test_api_process_killed_mid_load_loses_and_doubles_nothing(private: Private,
                 assert processes[-1].wait(10) == -signal.SIGKILL
                 start()
                 up = time.monotonic()
-                while (first := load.acked_after(up)) is None:
-                    assert time.monotonic() - up < 60, "no command acknowledged after the restart"
-                    time.sleep(0.05)
                 kills.append({"at": moment, "read_models_behind": lag, "down_s": up - moment,
-                              "first_ack_s": first - up})
+                              "first_ack_s": first_ack_after(load, up)})
             time.sleep(LOAD_SECONDS)
         finally:
             load.stop()
-        retries = load.settle()
-        caught_up = wait_caught_up(stores)
-        found = assert_exactly_once(stores, load)
-        balances, sums = read_model_balances(stores)
-        expected = load.expected_balances()
-        assert {u: balances.get(u, 0) for u in expected} == expected
-        assert {u: sums.get(u, 0) for u in expected} == expected
-        verified = audited(stores)
+        retries, caught_up, found, verified = recovered(stores, load)
         assert processes[-1].process.poll() is None, processes[-1].output()[-3000:]
     finally:
         for process in processes:
@@ -534,15 +537,8 @@ def test_kafka_workers_killed_and_broker_failing_lose_and_double_nothing(
         time.sleep(LOAD_SECONDS)
     finally:
         load.stop()
-    retries = load.settle()
-    caught_up = wait_caught_up(stores, 120)
+    retries, caught_up, found, verified = recovered(stores, load, catch_up_within=120)
     timings["caught_up_after_restart_s"] = time.monotonic() - restarted
-    found = assert_exactly_once(stores, load)
-    verified = audited(stores)
-    balances, sums = read_model_balances(stores)
-    expected = load.expected_balances()
-    assert {u: balances.get(u, 0) for u in expected} == expected
-    assert {u: sums.get(u, 0) for u in expected} == expected
     for name, process in workers.items():
         assert process.process.poll() is None, f"{name} died:\n{process.output()[-3000:]}"
     report("kafka faults", {**load.summary(), **found, "retries": retries,
