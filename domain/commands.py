@@ -152,11 +152,9 @@ class Session:
         is rebuilt as it was: its stored version (read from the store) plus the events
         earlier commands of the batch left pending."""
         for aggregate_id, (found, pending) in (self._undo or {}).items():
-            current = self.loaded.get(aggregate_id)
-            if found is None or current is None:
-                self.loaded[aggregate_id] = found
-            elif current is not found or len(current.pending_events) != pending:
-                self.loaded[aggregate_id] = self._rebuilt(current, pending)
+            if found is not None and len(found.pending_events) != pending:
+                found = self._rebuilt(found, pending)
+            self.loaded[aggregate_id] = found
         self.touched = set(self._undo or ())
         self._undo = None
 
