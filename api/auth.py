@@ -147,10 +147,11 @@ def _project_roles(claims: dict[str, Any]) -> dict[uuid.UUID, str]:
     return roles
 
 
-#: tokens already verified: (secret, token) → (principal, valid from, valid until).
+#: tokens already verified: (secret, token) → (principal, valid from, valid until), the
+#: window in the token's own whole seconds.
 #: A token's signature and claims never change, so only its time window is checked
 #: again; what fails verification is never kept.
-_verified: dict[tuple[str, str], tuple[Principal, float, float]] = {}
+_verified: dict[tuple[str, str], tuple[Principal, int, int]] = {}
 MAX_VERIFIED = 8192
 
 
@@ -158,9 +159,10 @@ def principal_from_token(token: str, secret: str) -> Principal:
     known = _verified.get((secret, token))
     if known is not None:
         principal, valid_from, valid_until = known
-        if valid_from <= time.time() < valid_until:
+        now = time.time()
+        if valid_from <= now < valid_until:
             return principal
-        if time.time() >= valid_until:
+        if now >= valid_until:
             raise ApiError(401, "token_expired", "the bearer token has expired")
     principal, valid_from, valid_until = _verify(token, secret)
     if len(_verified) >= MAX_VERIFIED:
@@ -169,7 +171,7 @@ def principal_from_token(token: str, secret: str) -> Principal:
     return principal
 
 
-def _verify(token: str, secret: str) -> tuple[Principal, float, float]:
+def _verify(token: str, secret: str) -> tuple[Principal, int, int]:
     """The token's caller and the window in which the token holds (PyJWT's own rules:
     not before ``nbf`` or ``iat``, until ``exp`` exclusive); 401 if it does not hold now."""
     try:
@@ -208,8 +210,9 @@ def _verify(token: str, secret: str) -> tuple[Principal, float, float]:
             project_roles=tuple(sorted((p, r) for p, r in project_roles.items()
                                        if r != "member")),
         )
-        valid_from = max(float(claims.get("nbf", 0)), float(claims.get("iat", 0)))
-        return principal, valid_from, float(claims["exp"])
+        # PyJWT has checked ``exp``, ``nbf`` and ``iat`` are whole seconds
+        valid_from = max(int(claims.get("nbf", 0)), int(claims.get("iat", 0)))
+        return principal, valid_from, int(claims["exp"])
     except (KeyError, TypeError, ValueError):
         raise ApiError(401, "token_invalid", "the bearer token's claims are not valid") from None
 
