@@ -34,8 +34,9 @@ class RequestContext:
     ``max_body_bytes`` and a NUL character in the path, query or body with a 400
     ``ErrorResponse`` before any handler runs."""
 
-    def __init__(self, app: Any, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: Any, max_body_bytes: int, hot: Any = None):
+        #: ``api.hot_routes.HotRoutes``: tried before the request goes on to FastAPI
+        self.app, self.max_body_bytes, self.hot = app, max_body_bytes, hot
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -91,6 +92,8 @@ class RequestContext:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        if self.hot is not None and await self.hot.serve(scope, body, replay, send_with_id):
+            return
         await self.app(scope, replay, send_with_id)
 
     async def _too_large(self, send: Any, correlation: str) -> None:

@@ -48,6 +48,8 @@ class Settings:
     pg_pool_size: int = 8
     redis_prefix: str = "lc"
     run_projector: bool = True
+    #: serve the busiest commands through ``api.hot_routes`` (off: all through FastAPI)
+    hot_routes: bool = True
     #: test-only fault injection: crash the relay/projector at a named point
     test_fault: str | None = None
 
@@ -80,6 +82,7 @@ class Settings:
             pg_pool_size=int(_get("PG_POOL_SIZE", "8")),
             redis_prefix=_get("REDIS_PREFIX", "lc"),
             run_projector=_get("RUN_PROJECTOR", "on") != "off",
+            hot_routes=_get("HOT_ROUTES", "on") != "off",
             test_fault=_get("TEST_FAULT"),
         )
 
