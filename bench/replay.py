@@ -3,7 +3,10 @@
 The history is appended in-process by worker processes (two: the machine has two
 cores), each with its own ``Stores.open(settings)``, saving one ``BillingAccount`` at a
 time with ``events_per_account`` events (opening, then credits and covered debits) in
-one ``app.save``. Each worker writes what every account's balance must be.
+one ``app.save``. Each worker writes what every account's balance must be. The workers
+decide their accounts in rounds and save each round together, so the append path
+(``app.save``: transcoding, the insert, the commit) is also timed on its own: the
+in-process append rate.
 
 Then, on the same database: ``consumers.direct.catch_up`` (the direct transport's
 incremental path, batches of 500 per transaction) timed over the first
@@ -28,14 +31,22 @@ from psycopg.sql import SQL, Identifier
 
 from infra.settings import Settings
 
+#: accounts (of ``per_account`` events each) a worker decides before each round of saves
+CHUNK_ACCOUNTS = 100
 PROVENANCE = {"actor_id": "00000000-0000-4000-8000-00000000be9c", "actor_type": "user",
               "actor_role": "admin", "source": "bench", "correlation_id": None,
               "causation_id": None}
 
 
 def _generate(settings: Settings, events: int, per_account: int, seed: int, out: str,
-              counter: Any) -> None:
-    """Worker: append about ``events`` events; write {user: balance} to ``out``."""
+              counter: Any, barrier: Any, saving: Any, rounds: int) -> None:
+    """Worker: append about ``events`` events; write {user: balance} to ``out``.
+
+    In ``rounds`` rounds of ``CHUNK_ACCOUNTS`` accounts: decide them (their events pending in
+    memory), wait for the other workers, save them one ``app.save`` (one transaction)
+    per account, wait again. The first worker adds each round's save window (from the
+    first wait to the second) to ``saving``: the in-process append rate is the events
+    over those windows, every worker appending at once."""
     from domain.billing import BillingAccount
     from domain.money import Money
     from infra.db import Stores
@@ -45,26 +56,38 @@ def _generate(settings: Settings, events: int, per_account: int, seed: int, out:
     balances: dict[str, int] = {}
     done = 0
     try:
-        while done < events:
-            user = uuid.UUID(int=rng.getrandbits(128), version=4)
-            now = datetime.now(timezone.utc)
-            size = min(per_account, events - done)
-            account = BillingAccount.open(user, "USD", PROVENANCE, now)
-            balance = 0
-            for _ in range(size - 1):
-                if balance >= 100 and rng.random() < 0.3:
-                    direction, amount = "debit", rng.randint(1, min(balance, 5000))
-                else:
-                    direction, amount = "credit", rng.randint(100, 10_000)
-                account.adjust(direction=direction, amount=Money(amount, "USD"), reason="bench",
-                               adjustment_id=uuid.UUID(int=rng.getrandbits(128), version=4),
-                               provenance=PROVENANCE, at=now)
-                balance += amount if direction == "credit" else -amount
-            stores.app.save(account)
-            balances[str(user)] = balance
-            done += size
-            with counter.get_lock():
-                counter.value += size
+        for _ in range(rounds):
+            accounts = []
+            while done < events and len(accounts) < CHUNK_ACCOUNTS:
+                user = uuid.UUID(int=rng.getrandbits(128), version=4)
+                now = datetime.now(timezone.utc)
+                size = min(per_account, events - done)
+                account = BillingAccount.open(user, "USD", PROVENANCE, now)
+                balance = 0
+                for _ in range(size - 1):
+                    if balance >= 100 and rng.random() < 0.3:
+                        direction, amount = "debit", rng.randint(1, min(balance, 5000))
+                    else:
+                        direction, amount = "credit", rng.randint(100, 10_000)
+                    account.adjust(direction=direction, amount=Money(amount, "USD"),
+                                   reason="bench",
+                                   adjustment_id=uuid.UUID(int=rng.getrandbits(128), version=4),
+                                   provenance=PROVENANCE, at=now)
+                    balance += amount if direction == "credit" else -amount
+                accounts.append((account, size))
+                balances[str(user)] = balance
+                done += size
+            # every worker takes part in every round (an empty one when it is done)
+            index = barrier.wait()
+            started = time.monotonic()
+            for account, size in accounts:
+                stores.app.save(account)
+                with counter.get_lock():
+                    counter.value += size
+            barrier.wait()
+            if index == 0:
+                with saving.get_lock():
+                    saving.value += time.monotonic() - started
     finally:
         stores.close()
     Path(out).write_text(json.dumps(balances))
@@ -72,17 +95,24 @@ def _generate(settings: Settings, events: int, per_account: int, seed: int, out:
 
 def generate(settings: Settings, events: int, workdir: Path, seed: int, workers: int = 2,
              per_account: int = 100, timeout: float = 1800,
-             tick: Callable[[int], None] | None = None) -> tuple[dict[str, int], float]:
+             tick: Callable[[int], None] | None = None
+             ) -> tuple[dict[str, int], float, float]:
     """Append ``events`` events with ``workers`` processes; return the expected balance
-    of every account created and the seconds it took."""
+    of every account created, the seconds it took, and the seconds spent saving (every
+    worker saving at once; see ``_generate``)."""
     context = mp.get_context("spawn")
     counter = context.Value("q", 0)
+    saving = context.Value("d", 0.0)
     share = [events // workers + (1 if n < events % workers else 0) for n in range(workers)]
-    outs = [str(workdir / f"history-{seed}-{n}.json") for n in range(workers)]
+    share = [n for n in share if n]
+    rounds = -(-max(share) // (CHUNK_ACCOUNTS * per_account))
+    barrier = context.Barrier(len(share), timeout=timeout)
+    outs = [str(workdir / f"history-{seed}-{n}.json") for n in range(len(share))]
     started = time.monotonic()
     processes = [context.Process(target=_generate, daemon=True,
-                                 args=(settings, share[n], per_account, seed * 100 + n, outs[n], counter))
-                 for n in range(workers) if share[n]]
+                                 args=(settings, size, per_account, seed * 100 + n, outs[n], counter,
+                                       barrier, saving, rounds))
+                 for n, size in enumerate(share)]
     for process in processes:
         process.start()
     try:
@@ -101,9 +131,9 @@ def generate(settings: Settings, events: int, workdir: Path, seed: int, workers:
     if any(p.exitcode != 0 for p in processes):
         raise RuntimeError("a history generator failed: " + ", ".join(str(p.exitcode) for p in processes))
     expected: dict[str, int] = {}
-    for out in outs[:len(processes)]:
+    for out in outs:
         expected.update(json.loads(Path(out).read_text()))
-    return expected, seconds
+    return expected, seconds, saving.value
 
 
 def timed_catch_up(stores: Any) -> tuple[int, float]:

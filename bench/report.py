@@ -108,9 +108,15 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row(section, f"audit replay (replay --as-of) of {rep['audit_replay']['events']:,}"
                          " events: events/s", rep["audit_replay"]["events_per_second"], "/s",
                          "psycopg, 100 rows per commit", insert_100))
+    if "append" in rep:
+        rows.append(_row(section, f"in-process append (app.save of 100 events, "
+                         f"{rep['generator_workers']} processes at once): events/s",
+                         rep["append"]["events_per_second"], "/s",
+                         "psycopg, 100 rows per commit", insert_100))
     if "generation" in rep:
-        rows.append(_row(section, f"append history (app.save, {rep['generator_workers']} processes):"
-                         " events/s", rep["generation"]["events_per_second"], "/s",
+        rows.append(_row(section, f"history generation (decide and append, "
+                         f"{rep['generator_workers']} processes): events/s",
+                         rep["generation"]["events_per_second"], "/s",
                          "psycopg, 100 rows per commit", insert_100))
     query_kind = kinds.get("getBillingBalance", "sync")
     section = f"queries (GET getBillingBalance, a {query_kind} handler, 1 concurrent)"

@@ -534,14 +534,14 @@ class Suite:
         stores = Stores.open(settings)
         self.run.on_close(stores.close)
         expected: dict[str, int] = {}
-        generated = 0.0
+        generated = saving = 0.0
         for stage, size in (("catch-up part", self.p.catch_up_events),
                             ("rest", self.p.events - self.p.catch_up_events)):
             if size <= 0:
                 continue
             task = self.task(f"history: append {size:,} events ({stage})", size)
             meter = CpuAccount(include_children=True)
-            part, seconds = replay.generate(
+            part, seconds, saved = replay.generate(
                 settings, size, self.run.tmp, seed=self.p.seed + len(expected),
                 workers=self.p.generator_workers, per_account=self.p.events_per_account,
                 tick=lambda n, t=task: self.progress.update(t, completed=n))
@@ -549,6 +549,7 @@ class Suite:
             self.check_meter(meter, f"history ({stage})", out)
             expected.update(part)
             generated += seconds
+            saving += saved
             if stage == "catch-up part":
                 task = self.task(f"catch_up (direct transport) over {size:,} events", size)
                 meter = CpuAccount(include_children=True)
@@ -561,6 +562,7 @@ class Suite:
                 out["catch_up"]["events_per_second"] = out["catch_up"]["events"] / seconds
         total = replay.event_count(stores)
         out["generation"] = {"events": total, "seconds": generated, "events_per_second": total / generated}
+        out["append"] = {"events": total, "seconds": saving, "events_per_second": total / saving}
         task = self.task(f"rebuild billing_ledger from {total:,} events", total)
         meter = CpuAccount(include_children=True)
         with observe_batches(stores, lambda n: self.progress.update(task, completed=n)):
