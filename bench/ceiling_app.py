@@ -1,7 +1,8 @@
 """The HTTP ceiling: the same HTTP stack as ledgercore's server, doing nothing.
 
 uvicorn started exactly as ``infra.cli run`` starts ledgercore (``uvicorn.run(app,
-host, port, log_level="info", access_log=False)``, one process)
+host, port, log_level="info", access_log=False)``, one process), FastAPI with
+ledgercore's telemetry settings (``api.app.telemetry``)
 serving a FastAPI app with one POST handler on adminAdjustBalance's path that only
 validates the very ``AdminAdjustBalanceRequest`` model (strict, extra=forbid),
 and one GET handler on getBillingBalance's path returning a constant. ``--variant
@@ -20,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from api.app import telemetry
 from api.commands.billing import AdminAdjustBalanceRequest as AdjustBody
 
 ADJUST = "/api/v1/admin/users/{user_id}/balance"
@@ -29,7 +31,7 @@ BALANCE_BODY = {"balance": {"amount_minor": 0, "currency": "USD"},
 
 
 def create_app(variant: str) -> FastAPI:
-    app = FastAPI(title=f"ceiling-{variant}")
+    app = FastAPI(title=f"ceiling-{variant}", telemetry=telemetry())
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -293,4 +293,4 @@ def adjust_balance(ctx: CommandContext, *, user_id: UUID, direction: str, amount
                                   provenance=ctx.provenance(), at=ctx.now)
         return [account], {"ok": True, "entry_id": str(entry_id)}
 
-    return Command(ctx, decide, render)
+    return Command(ctx, decide, render, reads=(account_id_for(user_id),))
