@@ -59,3 +59,48 @@ def test_a_save_of_several_aggregates_is_stored_in_order(new_database: Any, sett
         app.save(fresh, stale)
     assert app.get_or_none(fresh.id) is None  # nothing of the refused save is stored
     assert app.recorder.max_notification_id() == ids[-1] + 1
+
+
+def test_racing_saves_never_let_a_reader_see_a_later_id_before_an_earlier_one(
+        new_database: Any, settings_for: Any, stores_for: Any) -> None:
+    """Saves from four threads race while a reader tails the log: whenever the reader
+    has seen notification id N, every id below N it will ever see was already there
+    (the table lock makes commits follow id order), and each save NOTIFYs."""
+    import threading
+
+    import psycopg
+
+    settings = settings_for(new_database().dsn)
+    app = stores_for(settings).app
+    listener = psycopg.connect(settings.pg_dsn, autocommit=True)
+    listener.execute(f'LISTEN "{app.recorder.channel_name}"')
+    polls: list[tuple[int, int]] = []  # (highest id seen, how many ids at or below it)
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            ids = [n.id for n in app.recorder.select_notifications(1, 100_000)]
+            if ids:
+                polls.append((ids[-1], len(ids)))
+
+    def write() -> None:
+        for n in range(60):
+            app.save(*[account_with(n % 3) for _ in range(1 + n % 2)])
+
+    reader = threading.Thread(target=read)
+    writers = [threading.Thread(target=write) for _ in range(4)]
+    reader.start()
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    done.set()
+    reader.join()
+    final = [n.id for n in app.recorder.select_notifications(1, 100_000)]
+    assert len(final) == 4 * sum((1 + n % 2) * (1 + n % 3) for n in range(60))
+    assert len(polls) > 10
+    for highest, count in polls:
+        assert sum(1 for i in final if i <= highest) == count
+    notified = sum(1 for _ in listener.notifies(timeout=1, stop_after=240))
+    listener.close()
+    assert notified == 240
