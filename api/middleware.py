@@ -42,8 +42,13 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        given = headers.get("x-request-id", "")
+        # the two headers read here (ASGI servers give names in lowercase)
+        given, declared = "", None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value.decode("latin-1")
         correlation = given if 0 < len(given) <= MAX_REQUEST_ID else str(uuid.uuid4())
         scope.setdefault("state", {})["correlation_id"] = correlation
         if len(given) > MAX_REQUEST_ID:
@@ -60,7 +65,6 @@ class RequestContext:
                     (b"x-request-id", correlation.encode("latin-1"))]
             await send(message)
 
-        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(send_with_id, correlation)
             return

@@ -8,6 +8,7 @@ input but here. Entries are append-only; a correction is a new entry.
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
@@ -38,8 +39,10 @@ ENTRY_TYPES: dict[str, tuple[int, str]] = {
 MAY_OVERDRAW = frozenset({"chargeback", "usage_charge"})
 
 
+@lru_cache(maxsize=65_536)
 def account_id_for(owner_user_id: UUID) -> UUID:
-    """The ledger is keyed by owner user (see docs/decisions.md)."""
+    """The ledger is keyed by owner user (see docs/decisions.md). Remembered: each
+    command asks it at least twice, and a name-based UUID is a SHA-1."""
     return uuid5(NAMESPACE, f"billing-account:{owner_user_id}")
 
 
