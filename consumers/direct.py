@@ -2,7 +2,11 @@
 
 An event a read model cannot apply (or that cannot be decoded at all) becomes a dead
 letter for that read model (``projections.store``); the projector goes on with the
-rest. What operators requeue is applied at the start of every catch-up."""
+rest. What operators requeue is applied at the start of every catch-up.
+
+The projector wakes at every commit of the writers, so batches are small: the
+bookkeeping around them (requeued events, the start position, every read model's
+tracking and watermark) takes a few statements, whatever the number of read models."""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ def catch_up(app: Application[Any], store: ReadModelStore, batch_size: int = 500
     """Apply what operators requeued, then everything the log holds now; return the
     position reached."""
     retry_requeued(store, app.mapper)
-    position = min(store.tracked(p.name, SOURCE) for p in store.projections)
+    position = store.lowest_tracked(SOURCE)
     while True:
         items = read_items(app, position, batch_size)
         if not items:

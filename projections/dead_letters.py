@@ -241,14 +241,28 @@ def skipped_by_rebuild(cur: Cursor[Any], schema: str, projection: str) -> set[in
     return {row["notification_id"] for row in cur.fetchall()}
 
 
+#: a parked event (``p``) whose aggregate has no unresolved head before it any more
+_ORPHAN = ("p.status = 'parked' AND NOT EXISTS ("
+           " SELECT 1 FROM {0} h WHERE h.projection = p.projection"
+           " AND h.originator_id = p.originator_id AND h.status IN ('pending', 'requeued')"
+           " AND h.notification_id < p.notification_id)")
+
+
+def requeue_due(cur: Cursor[Any], schema: str) -> bool:
+    """Whether ``release_orphans`` would release something or an event is requeued: the
+    projectors ask at every catch-up, and the answer is nearly always no."""
+    cur.execute(SQL("SELECT EXISTS (SELECT 1 FROM {0} WHERE status = 'requeued')"
+                    " OR EXISTS (SELECT 1 FROM {0} p WHERE " + _ORPHAN + ") AS due").format(
+        _t(schema, "dead_letters")))
+    row = cur.fetchone()
+    return bool(row and row["due"])
+
+
 def release_orphans(cur: Cursor[Any], schema: str) -> None:
     """Parked events whose aggregate has no unresolved head any more (it was applied
     or discarded while they were being parked) are released for the projector."""
-    cur.execute(SQL(
-        "UPDATE {0} p SET status = 'requeued' WHERE p.status = 'parked' AND NOT EXISTS ("
-        " SELECT 1 FROM {0} h WHERE h.projection = p.projection"
-        " AND h.originator_id = p.originator_id AND h.status IN ('pending', 'requeued')"
-        " AND h.notification_id < p.notification_id)").format(_t(schema, "dead_letters")))
+    cur.execute(SQL("UPDATE {0} p SET status = 'requeued' WHERE " + _ORPHAN).format(
+        _t(schema, "dead_letters")))
 
 
 def requeued_projections(cur: Cursor[Any], schema: str) -> list[str]:

@@ -4,7 +4,10 @@ Tracking follows the eventsourcing library's ``PostgresTrackingRecorder``: one r
 (projection, source) holding the highest notification id applied; the upsert refuses
 to move backwards or stand still, so a batch that two runners race to apply commits
 once and the loser rolls back whole. ``source`` is ``log`` for the direct transport
-and ``kafka:<topic>/<partition>`` for the Kafka one.
+and ``kafka:<topic>/<partition>`` for the Kafka one. A batch locks the tracking rows of
+every read model for its source in one statement (in name order) and writes them, and
+the watermarks, in one statement each: the projector wakes at every commit of the
+writers, so per-read-model round trips would cost more than the read models' writes.
 
 ``read_positions`` holds each projection's watermark per source: every notification
 at or below it has been applied. A read model's position is the lowest watermark
@@ -27,8 +30,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
+from eventsourcing.utils import retry
 from psycopg import Cursor
 from psycopg.sql import SQL, Identifier
 
@@ -130,14 +134,18 @@ class ReadModelStore(PostgresTrackingRecorder):
                      recorded: list[dl.DeadLetter] | None) -> int:
         """One transaction. ``recorded is None``: the fast path (any failure aborts);
         otherwise each read model's events go under savepoints and failures become
-        dead letters appended to ``recorded``."""
+        dead letters appended to ``recorded``. Either way every read model's tracking
+        row is locked first and written last, all of them in one statement each."""
         applied = 0
         schema = self.datastore.schema
+        names = {p.name: tracking_name(p.name, source) for p in self.projections}
         with self.datastore.transaction(commit=True) as cur:
             blocked = dl.blocked(cur, schema)
+            positions = self._locked_positions(cur, list(names.values()))
+            reached: list[Tracking] = []
             for projection in self.projections:
-                name = tracking_name(projection.name, source)
-                done = self._locked_position(cur, name)
+                name = names[projection.name]
+                done = positions.get(name, 0)
                 last = None
                 fresh, late, parked = [], [], []
                 held = blocked.get(projection.name, set())
@@ -166,9 +174,10 @@ class ReadModelStore(PostgresTrackingRecorder):
                     applied += self._guarded(cur, projection, source, claimed, set(held),
                                              recorded)
                 if last is not None:
-                    self._insert_tracking(cur, Tracking(name, last))
-                if watermark is not None:
-                    self._raise_watermark(cur, projection.name, source, watermark)
+                    reached.append(Tracking(name, last))
+            self._record_tracking(cur, reached)
+            if watermark is not None:
+                self._raise_watermarks(cur, list(names), source, watermark)
         return applied
 
     def _guarded(self, cur: Cursor[Any], projection: Projection, source: str,
@@ -200,14 +209,40 @@ class ReadModelStore(PostgresTrackingRecorder):
         left = self._guarded(cur, projection, source, runnable[:middle], held, recorded)
         return left + self._guarded(cur, projection, source, runnable[middle:], held, recorded)
 
-    def _locked_position(self, cur: Cursor[Any], name: str) -> int:
-        """The tracking position, locked until this transaction ends: a rebuild (or
-        another runner) holding it makes this wait, then read what it committed."""
-        cur.execute(SQL("SELECT notification_id FROM {0}.{1} WHERE application_name = %s"
+    def _locked_positions(self, cur: Cursor[Any], names: Sequence[str]) -> dict[str, int]:
+        """The tracking positions of ``names`` (a name without a row is at 0), locked
+        until this transaction ends: a rebuild (or another runner) holding one makes
+        this wait, then read what it committed. One statement, locking in name order,
+        so two runners of a source never deadlock (a rebuild locks one name of it)."""
+        cur.execute(SQL("SELECT application_name, notification_id FROM {0}.{1}"
+                        " WHERE application_name = ANY(%s) ORDER BY application_name"
                         " FOR UPDATE").format(Identifier(self.datastore.schema),
-                                              Identifier(self.tracking_table_name)), (name,))
-        row = cur.fetchone()
-        return int(row["notification_id"]) if row else 0
+                                              Identifier(self.tracking_table_name)),
+                    (list(names),))
+        return {row["application_name"]: int(row["notification_id"]) for row in cur.fetchall()}
+
+    def _record_tracking(self, cur: Cursor[Any], reached: Sequence[Tracking]) -> None:
+        """Move every tracking position of ``reached`` forward in one statement, with
+        the library's rule (``_insert_tracking``): one that would stand still or move
+        back was recorded by another runner first, so raise ``IntegrityError`` as the
+        library does and the whole batch rolls back."""
+        if not reached:
+            return
+        rows = sorted(reached, key=lambda t: t.application_name)
+        cur.execute(SQL(
+            "INSERT INTO {0}.{1} (application_name, notification_id)"
+            " SELECT * FROM unnest(%s::text[], %s::bigint[])"
+            " ON CONFLICT (application_name) DO UPDATE"
+            " SET notification_id = EXCLUDED.notification_id"
+            " WHERE {0}.{1}.notification_id < EXCLUDED.notification_id"
+            " RETURNING application_name").format(Identifier(self.datastore.schema),
+                                                  Identifier(self.tracking_table_name)),
+            ([t.application_name for t in rows], [t.notification_id for t in rows]))
+        recorded = {row["application_name"] for row in cur.fetchall()}
+        for tracking in rows:
+            if tracking.application_name not in recorded:
+                raise IntegrityError(f"Failed to record tracking for"
+                                     f" {tracking.application_name} {tracking.notification_id}")
 
     def apply_requeued(self, decode: Callable[[Any], Any]) -> int:
         """Apply what operators requeued (and what was parked behind it), each read
@@ -215,6 +250,9 @@ class ReadModelStore(PostgresTrackingRecorder):
         rows. ``decode`` turns a stored event back into a domain event (the fix may
         be a new version that can read it). Returns how many events were applied."""
         schema = self.datastore.schema
+        with self.datastore.cursor() as cur:
+            if not dl.requeue_due(cur, schema):
+                return 0  # the common case: one query
         with self.datastore.transaction(commit=True) as cur:
             dl.release_orphans(cur, schema)
             names = dl.requeued_projections(cur, schema)
@@ -256,15 +294,33 @@ class ReadModelStore(PostgresTrackingRecorder):
                         " ON CONFLICT DO NOTHING").format(Identifier(self.datastore.schema)),
                         (projection.name, source))
 
-    def _raise_watermark(self, cur: Cursor[Any], projection: str, source: str, position: int) -> None:
+    def _raise_watermarks(self, cur: Cursor[Any], projections: Sequence[str], source: str,
+                          position: int) -> None:
+        """Raise the watermark of each of ``projections`` for ``source`` to ``position``
+        (never lower one), in one statement. Rows are written in the order given: the
+        projections' order, as ``register_sources`` inserts them."""
         cur.execute(SQL(
-            "INSERT INTO {0}.read_positions VALUES (%s, %s, %s)"
+            "INSERT INTO {0}.read_positions (projection, source, position)"
+            " SELECT n.projection, %s::text, %s::bigint FROM unnest(%s::text[]) AS n(projection)"
             " ON CONFLICT (projection, source) DO UPDATE"
             " SET position = GREATEST({0}.read_positions.position, EXCLUDED.position)"
-        ).format(Identifier(self.datastore.schema)), (projection, source, position))
+        ).format(Identifier(self.datastore.schema)), (source, position, list(projections)))
 
     def tracked(self, projection: str, source: str) -> int:
         return self.max_tracking_id(tracking_name(projection, source)) or 0
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def lowest_tracked(self, source: str) -> int:
+        """The lowest tracking position for ``source`` over every read model (0 while
+        one has none), in one query: where a catch-up of them all starts."""
+        with self.datastore.cursor() as cur:
+            cur.execute(SQL("SELECT min(coalesce(t.notification_id, 0)) AS p"
+                            " FROM unnest(%s::text[]) AS n(name) LEFT JOIN {0}.{1} t"
+                            " ON t.application_name = n.name").format(
+                Identifier(self.datastore.schema), Identifier(self.tracking_table_name)),
+                ([tracking_name(p.name, source) for p in self.projections],))
+            row = cur.fetchone()
+        return int(row["p"] or 0) if row else 0
 
     # ---- rebuilding ----------------------------------------------------------------
     def rebuild(self, projection: Projection, batches: Iterable[Sequence[Item]]) -> int:
@@ -304,7 +360,7 @@ class ReadModelStore(PostgresTrackingRecorder):
                     (tracking_name(projection.name, source), last))
                 cur.execute(SQL("DELETE FROM {0}.read_positions WHERE projection = %s"
                                 " AND source = %s").format(schema), (projection.name, source))
-                self._raise_watermark(cur, projection.name, source, last)
+                self._raise_watermarks(cur, [projection.name], source, last)
         return count
 
 

@@ -20,6 +20,7 @@ from eventsourcing.utils import _topic_cache, _type_cache, register_topic
 from api.app import create_app, implemented_routes
 from consumers.kafka_projector import KafkaProjector, dlq_topic
 from consumers.relay import Relay
+from projections import dead_letters as dl
 from projections.billing_ledger import BillingLedger
 from tests.conftest import serve_own_database
 from tests.contract.test_contract import check
@@ -293,6 +294,44 @@ def test_operator_endpoints_refuse_plain_users_and_unknown_ids(served: Any, toke
         assert ops["queue_depth"] == {"outbox_pending": 0, "dlq_pending": 0,
                                       "dlq_runbook_id": None}
         assert ops["service_health"]["outbox_relay_ok"] is True
+
+
+def test_the_requeue_check_is_due_exactly_when_there_is_work(
+        new_database: Any, settings_for: Any, stores_for: Any) -> None:
+    """Projectors skip the requeue work after one query saying there is none: it must say
+    yes whenever something is requeued or ``release_orphans`` would release an event."""
+    store = stores_for(settings_for(new_database().dsn)).read_models
+    schema = store.datastore.schema
+    a, b = uuid.uuid4(), uuid.uuid4()
+    states: list[list[tuple[str, uuid.UUID, int, str]]] = [
+        [],
+        [("billing_ledger", a, 10, "pending"), ("billing_ledger", a, 11, "parked")],
+        [("billing_ledger", a, 10, "requeued"), ("billing_ledger", a, 11, "parked")],
+        [("billing_ledger", a, 10, "applied"), ("billing_ledger", a, 11, "parked")],
+        [("billing_ledger", a, 10, "discarded"), ("billing_ledger", a, 11, "parked")],
+        [("billing_ledger", a, 10, "pending"), ("billing_ledger", a, 9, "parked")],
+        [("billing_ledger", a, 10, "pending"), ("payments", a, 11, "parked")],
+        [("billing_ledger", a, 10, "pending"), ("billing_ledger", b, 11, "parked")],
+        [("billing_ledger", a, 10, "pending"), ("billing_ledger", a, 11, "applied")],
+    ]
+    answers = []
+    for rows in states:
+        with store.datastore.transaction(commit=True) as cur:
+            cur.execute(f"DELETE FROM {schema}.dead_letters")
+            for projection, aggregate, notification_id, status in rows:
+                cur.execute(
+                    f"INSERT INTO {schema}.dead_letters (projection, source, notification_id,"
+                    " originator_id, originator_version, event_topic, payload, first_seen,"
+                    " last_seen, attempts, status) VALUES (%s, 'log', %s, %s, 1, 't', '{}',"
+                    " now(), now(), 1, %s)", (projection, notification_id, aggregate, status))
+        with store.datastore.cursor() as cur:
+            due = dl.requeue_due(cur, schema)
+        with store.datastore.transaction(commit=False) as cur:  # what the work would do
+            dl.release_orphans(cur, schema)
+            work = cur.rowcount > 0 or bool(dl.requeued_projections(cur, schema))
+        assert due == work, rows
+        answers.append(due)
+    assert answers == [False, False, True, True, True, True, True, True, False]
 
 
 # ---- the Kafka transport --------------------------------------------------------------

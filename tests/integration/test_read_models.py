@@ -1,17 +1,26 @@
-"""Read-model behaviour: Redis down, a lagging projector, and rebuilds."""
+"""Read-model behaviour: Redis down, a lagging projector, rebuilds, and runners that
+race for the same batch."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
+
+from eventsourcing.persistence import IntegrityError
 
 from api.app import create_app
 from consumers.direct import catch_up
 from consumers.rebuild import rebuild
+from infra.db import ensure_schemas, read_model_datastore
 from infra.services import free_port
 from projections import BY_NAME
+from projections.store import Item, ReadModelStore, position
 from tests.harness import ROOT, ServerThread, bearer, client
 
 BODY = {"direction": "credit", "amount_minor": 42, "currency": "USD", "reason": "rm"}
@@ -117,3 +126,117 @@ def test_the_direct_projector_wakes_on_another_writers_notify(
                 time.sleep(0.01)
     finally:
         projector.stop()
+
+
+# ---- runners racing for a batch --------------------------------------------------------
+class Probe:
+    """A read model keeping one row per notification it applies (no key: applying one
+    twice would show). In the thread named ``stop_in`` it stops at its first event
+    until ``gate`` opens."""
+
+    name = "probe"
+    tables = ("probe_rows",)
+
+    def __init__(self) -> None:
+        self.stop_in: str | None = None
+        self.inside, self.gate = threading.Event(), threading.Event()
+
+    def ddl(self, schema: str) -> list[str]:
+        return [f"CREATE TABLE IF NOT EXISTS {schema}.probe_rows (notification_id bigint NOT NULL)"]
+
+    def apply(self, cur: Any, schema: str, event: Any, notification_id: int) -> None:
+        cur.execute(f"INSERT INTO {schema}.probe_rows VALUES (%s)", (notification_id,))
+        if threading.current_thread().name == self.stop_in and not self.inside.is_set():
+            self.inside.set()
+            assert self.gate.wait(10)
+
+
+@contextmanager
+def two_runners(settings: Any, probe: Probe) -> Iterator[tuple[ReadModelStore, ReadModelStore]]:
+    """Two stores with their own connections on one database, as two processes."""
+    ensure_schemas(settings.pg_dsn)
+    stores = [ReadModelStore(read_model_datastore(settings), [probe]) for _ in range(2)]
+    stores[0].create_table()
+    try:
+        yield stores[0], stores[1]
+    finally:
+        for store in stores:
+            store.datastore.close()
+
+
+def probe_items(count: int) -> list[Item]:
+    aggregate = SimpleNamespace(originator_id=uuid.uuid4())
+    return [Item(n, aggregate) for n in range(1, count + 1)]
+
+
+def probe_rows(store: ReadModelStore) -> list[int]:
+    with store.datastore.cursor() as cur:
+        cur.execute("SELECT notification_id FROM readmodels.probe_rows ORDER BY 1")
+        return [row["notification_id"] for row in cur.fetchall()]
+
+
+def probe_position(store: ReadModelStore) -> int:
+    with store.datastore.cursor() as cur:
+        return position(cur, "probe", "log")
+
+
+def in_thread(name: str, work: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except Exception as error:  # noqa: BLE001 - the test looks at it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_two_runners_racing_a_first_batch_commit_it_once(new_database: Any,
+                                                        settings_for: Any) -> None:
+    """Neither has a tracking row to lock yet: both apply; the one that records its
+    tracking second fails as the library's tracking upsert does and rolls back whole."""
+    probe = Probe()
+    with two_runners(settings_for(new_database().dsn), probe) as (first, second):
+        items = probe_items(3)
+        probe.stop_in = "first"
+        thread, outcome = in_thread("first", lambda: first.apply_batch("log", items, 3))
+        assert probe.inside.wait(10)  # the first has applied an event, not its tracking
+        assert second.apply_batch("log", items, watermark=3) == 3
+        probe.gate.set()
+        thread.join(10)
+        assert isinstance(outcome.get("error"), IntegrityError), outcome
+        assert probe_rows(first) == [1, 2, 3]
+        assert first.tracked("probe", "log") == 3 and probe_position(first) == 3
+        # applied before: skipped; a lower watermark leaves the position where it is
+        assert first.apply_batch("log", items, watermark=2) == 0
+        assert probe_rows(first) == [1, 2, 3] and probe_position(first) == 3
+
+
+def test_a_batch_waits_for_a_rebuild_then_applies_only_what_follows_it(
+        new_database: Any, settings_for: Any) -> None:
+    probe = Probe()
+    with two_runners(settings_for(new_database().dsn), probe) as (rebuilding, projecting):
+        items = probe_items(6)
+        assert projecting.apply_batch("log", items[:2], watermark=2) == 2
+        replaying, release = threading.Event(), threading.Event()
+
+        def history() -> Iterator[Sequence[Item]]:
+            yield items[:4]
+            replaying.set()  # the first batch is replayed: the tracking rows are locked
+            assert release.wait(10)
+
+        rebuild_thread, rebuilt = in_thread("rebuild", lambda: rebuilding.rebuild(probe, history()))
+        assert replaying.wait(10)
+        batch_thread, batch = in_thread("batch", lambda: projecting.apply_batch("log", items, 6))
+        batch_thread.join(0.5)
+        assert batch_thread.is_alive(), batch  # waiting for the rebuild's tracking lock
+        release.set()
+        rebuild_thread.join(10)
+        batch_thread.join(10)
+        assert rebuilt == {"result": 4}
+        assert batch == {"result": 2}  # read the rebuild's position: only 5 and 6 were left
+        assert probe_rows(projecting) == [1, 2, 3, 4, 5, 6]
+        assert projecting.tracked("probe", "log") == 6 and probe_position(projecting) == 6
