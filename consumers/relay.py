@@ -8,7 +8,14 @@ serializable) is parked in ``outbox_failed`` in the same transaction as the posi
 and the relay goes on: it never blocks the log behind it. An operator requeues it (the
 relay publishes it again, marked ``late``: projectors apply it once, outside the
 tracking order) or discards it. Any other failure (broker or database unreachable)
-fails the whole batch, which is published again after a back-off."""
+fails the whole batch, which is published again after a back-off.
+
+A batch costs few database round trips: the failed outbox is read once (what is
+requeued is looked for only when it holds something), and the relay's position is
+kept in memory between batches. Only this relay writes it; a relay started twice by
+mistake fails to record a batch the other recorded first (the tracking upsert never
+stands still or moves back), and every failed batch forgets the position, so the
+batch after it starts from the recorded one."""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import logging
 import os
 import threading
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import Tracking
@@ -51,6 +59,8 @@ class Relay:
         self.max_request_size = max_request_size or 1048576
         self._connect()
         self.tracking_name = f"relay|{topic}"
+        #: the recorded position, once read (None: read it from the tracking table)
+        self._position: int | None = None
         self.heartbeat = Heartbeat(store, f"relay:{topic}")
         self._stop = threading.Event()
 
@@ -76,21 +86,30 @@ class Relay:
             log.warning("cannot reach the broker yet", exc_info=True)
 
     def position(self) -> int:
-        return self.store.max_tracking_id(self.tracking_name) or 0
+        if self._position is None:
+            self._position = self.store.max_tracking_id(self.tracking_name) or 0
+        return self._position
 
     def run_once(self) -> int:
         """Publish what operators requeued, then the next batch; return how many
-        events the batch held."""
-        self.republish_requeued()
+        events the batch held. If it fails, the position is read again next time."""
+        try:
+            return self._run_once()
+        except BaseException:
+            self._position = None
+            raise
+
+    def _run_once(self) -> int:
+        # only an aggregate with an unpublished event can have one requeued
+        blocked = self._outbox_blocked()
+        if blocked and self.republish_requeued():
+            blocked = self._outbox_blocked()  # what it republished blocks no more
         position = self.position()
         notifications = self.app.recorder.select_notifications(
             start=position, limit=self.batch_size, inclusive_of_start=False)
         if not notifications:
             self.heartbeat.beat(caught_up=True, position=position, head=position)
             return 0
-        schema = self.store.datastore.schema
-        with self.store.datastore.transaction(commit=False) as cur:
-            blocked = dl.outbox_blocked(cur, schema)
         parked: list[tuple[Any, BaseException | None]] = []
         futures = []
         for notification in notifications:
@@ -124,6 +143,26 @@ class Relay:
             future.get(timeout=30)
         if self.crash_at == "relay_after_publish":
             os._exit(137)
+        self._record(parked, last)
+        self._position = last
+        if self.heartbeat.due():
+            self.heartbeat.beat(caught_up=False, position=last,
+                                head=self.app.recorder.max_notification_id())
+        return len(notifications)
+
+    def _outbox_blocked(self) -> set[UUID]:
+        with self.store.datastore.cursor() as cur:
+            return dl.outbox_blocked(cur, self.store.datastore.schema)
+
+    def _record(self, parked: list[tuple[Any, BaseException | None]], last: int) -> None:
+        """Park what was not published and record the position ``last``, in one
+        transaction (a single autocommit statement when nothing is parked)."""
+        schema = self.store.datastore.schema
+        tracking = Tracking(self.tracking_name, last)
+        if not parked:
+            with self.store.datastore.cursor() as cur:
+                self.store._insert_tracking(cur, tracking)
+            return
         with self.store.datastore.transaction(commit=True) as cur:
             for notification, error in sorted(parked, key=lambda p: p[0].id):
                 if error is not None:
@@ -131,15 +170,14 @@ class Relay:
                               "failed outbox", notification.id, notification.topic, error)
                 dl.park_outbox(cur, schema, notification, self._aggregate_type(notification),
                                error, "failed" if error is not None else "parked")
-            self.store._insert_tracking(cur, Tracking(self.tracking_name, last))
-        if self.heartbeat.due():
-            self.heartbeat.beat(caught_up=False, position=last,
-                                head=self.app.recorder.max_notification_id())
-        return len(notifications)
+            self.store._insert_tracking(cur, tracking)
 
     def republish_requeued(self) -> int:
         """Publish the failed outbox events an operator requeued, marked ``late``."""
         schema = self.store.datastore.schema
+        with self.store.datastore.cursor() as cur:
+            if not dl.outbox_republish_due(cur, schema):
+                return 0
         with self.store.datastore.transaction(commit=True) as cur:
             ids = dl.outbox_to_republish(cur, schema)
         for notification_id in ids:

@@ -437,6 +437,25 @@ def park_outbox(cur: Cursor[Any], schema: str, notification: Any, aggregate_type
          1 if status == "failed" else 0, moment, moment))
 
 
+#: a parked outbox event (``p``) whose aggregate has nothing failed or requeued before it
+#: (the events ``outbox_to_republish`` releases)
+_OUTBOX_ORPHAN = ("p.status = 'parked' AND NOT EXISTS ("
+                  " SELECT 1 FROM {0} h WHERE h.originator_id = p.originator_id"
+                  " AND h.status IN ('failed', 'pending')"
+                  " AND h.notification_id < p.notification_id)")
+
+
+def outbox_republish_due(cur: Cursor[Any], schema: str) -> bool:
+    """Whether ``outbox_to_republish`` would return anything (an event is requeued, or
+    a parked one would be released): one read, no writes. The relay asks before a batch
+    whenever its failed outbox holds anything, and the answer is nearly always no."""
+    cur.execute(SQL("SELECT EXISTS (SELECT 1 FROM {0} WHERE status = 'pending')"
+                    " OR EXISTS (SELECT 1 FROM {0} p WHERE " + _OUTBOX_ORPHAN + ") AS due").format(
+        _t(schema, "outbox_failed")))
+    row = cur.fetchone()
+    return bool(row and row["due"])
+
+
 def outbox_to_republish(cur: Cursor[Any], schema: str, limit: int = 100) -> list[int]:
     """Requeued events, in log order; first, parked events whose aggregate has nothing
     failed or requeued before them any more are released too."""

@@ -7,11 +7,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+from eventsourcing.persistence import IntegrityError
 
 from api.app import create_app
+from consumers.relay import Relay
+from consumers.wire import decode
+from domain.billing import BillingAccount
+from domain.money import Money
+from projections import dead_letters as dl
 from tests.harness import CliProcess, ServerThread, bearer, client
 
 pytestmark = pytest.mark.kafka
@@ -127,3 +134,114 @@ def test_killed_relay_and_projector_lose_nothing_and_double_count_nothing(
     assert sums == balances == {u: expected[u] for u in users}
     for user in users:
         assert stores.app.billing_account(user).balances == {"USD": expected[user]}
+
+
+PROVENANCE = {"actor_id": str(uuid.uuid4()), "actor_type": "user", "actor_role": "admin",
+              "source": "test", "correlation_id": None, "causation_id": None}
+
+
+def append_events(stores: Any, count: int) -> None:
+    """``count`` events of one new billing account, in one save."""
+    now = datetime.now(timezone.utc)
+    account = BillingAccount.open(uuid.uuid4(), "USD", PROVENANCE, now)
+    for _ in range(count - 1):
+        account.adjust(direction="credit", amount=Money(100, "USD"), reason="relay",
+                       adjustment_id=uuid.uuid4(), provenance=PROVENANCE, at=now)
+    stores.app.save(account)
+
+
+def published_ids(bootstrap: str, topic: str) -> list[int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000,
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(3)])
+        consumer.seek_to_beginning()
+        decoded = [decode(message) for message in consumer]
+    finally:
+        consumer.close()
+    return [value.id for kind, value in decoded if kind == "event"]
+
+
+def test_two_relays_at_once_by_mistake_lose_nothing(
+        new_database: Any, settings_for: Any, stores_for: Any, broker: Any) -> None:
+    """A relay remembers its position between batches. Two started at once by mistake:
+    the one recording a batch second fails (the tracking upsert never stands still or
+    moves back), forgets its position, reads it again and goes on from there; a stale
+    one whose batch reaches further records it (republishing what the other did)."""
+    topic = f"ledgercore.test.{uuid.uuid4().hex[:8]}"
+    stores = stores_for(settings_for(new_database().dsn, transport="kafka",
+                                     kafka_bootstrap=broker.bootstrap, kafka_topic=topic,
+                                     kafka_partitions=3))
+    reads: list[str] = []
+    max_tracking_id = stores.read_models.max_tracking_id
+
+    def spied(name: str) -> int | None:
+        reads.append(name)
+        return max_tracking_id(name)
+
+    stores.read_models.max_tracking_id = spied
+    first, second = (Relay(stores.app, stores.read_models, broker.bootstrap, topic, 3,
+                           batch_size=4) for _ in range(2))
+    try:
+        assert first.run_once() == 0 and second.run_once() == 0  # both at 0
+        assert len(reads) == 2
+        append_events(stores, 6)  # notifications 1..6
+        assert first.run_once() == 4  # publishes and records 1..4
+        assert len(reads) == 2  # from memory
+        with pytest.raises(IntegrityError):
+            second.run_once()  # publishes 1..4 again; cannot record 4 again
+        assert second.run_once() == 2  # reads 4 again: 5..6
+        assert len(reads) == 3
+        append_events(stores, 2)  # 7..8
+        assert first.run_once() == 4  # from its stale 4: 5..8, recorded (8 > 6)
+        with pytest.raises(IntegrityError):
+            second.run_once()  # 7..8 again; cannot record 8 again
+        assert second.run_once() == 0 and first.run_once() == 0
+        assert len(reads) == 4
+    finally:
+        first.close()
+        second.close()
+    assert max_tracking_id(f"relay|{topic}") == 8
+    published = published_ids(broker.bootstrap, topic)
+    assert set(published) == set(range(1, 9))  # duplicates, no losses
+    assert sorted(published) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+
+
+def test_the_outbox_republish_check_is_due_exactly_when_there_is_work(
+        new_database: Any, settings_for: Any, stores_for: Any) -> None:
+    """The relay runs the republish transaction only after one query saying there is
+    work: it must say yes whenever ``outbox_to_republish`` would return an event."""
+    store = stores_for(settings_for(new_database().dsn)).read_models
+    schema = store.datastore.schema
+    a, b = uuid.uuid4(), uuid.uuid4()
+    states: list[list[tuple[uuid.UUID, int, str]]] = [
+        [],
+        [(a, 10, "failed"), (a, 11, "parked")],
+        [(a, 10, "pending"), (a, 11, "parked")],
+        [(a, 10, "published"), (a, 11, "parked")],
+        [(a, 10, "discarded"), (a, 11, "parked")],
+        [(a, 10, "failed"), (a, 9, "parked")],
+        [(a, 10, "failed"), (b, 11, "parked")],
+        [(a, 10, "failed"), (a, 11, "published")],
+        [(a, 10, "published"), (b, 11, "discarded")],
+    ]
+    answers = []
+    for rows in states:
+        with store.datastore.transaction(commit=True) as cur:
+            cur.execute(f"DELETE FROM {schema}.outbox_failed")
+            for aggregate, notification_id, status in rows:
+                cur.execute(
+                    f"INSERT INTO {schema}.outbox_failed (event_id, notification_id,"
+                    " originator_id, originator_version, event_topic, aggregate_type, payload,"
+                    " error, status, retry_count, occurred_at) VALUES (%s, %s, %s, 1, 't', 'A',"
+                    " '{}', 'e', %s, 1, now())",
+                    (uuid.uuid4(), notification_id, aggregate, status))
+        with store.datastore.cursor() as cur:
+            due = dl.outbox_republish_due(cur, schema)
+        with store.datastore.transaction(commit=False) as cur:  # what the work would do
+            work = bool(dl.outbox_to_republish(cur, schema))
+        assert due == work, rows
+        answers.append(due)
+    assert answers == [False, False, True, True, True, True, True, False, False]
