@@ -14,6 +14,11 @@
 - ``audit_log_scopes``: aggregate id -> the (project, org, user) its events named, so a
   later event of the aggregate (a release, an adjustment) lands in the same scope.
 
+A batch is written in one statement per table (``INSERT ... SELECT * FROM unnest(...)``,
+one typed array per column, sent in binary): the batch's events of one command are
+merged in Python first (``_merge``, the same rule as the upsert's), as one statement
+may not update a row twice.
+
 ``finance_audit`` (projections.finance) sits beside this read model: it is per-event
 billing evidence (``BillingAuditEvidence``) that the finance views join; this one is
 the per-command log of every area. Both take the acting user from
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -35,10 +41,15 @@ from psycopg.types.json import Jsonb
 from domain.audit_actions import actor, fact, own_scope, related_ids, result_of, row_id
 from projections.store import Item
 
-COLUMNS = ("id", "rank", "lead_notification_id", "first_notification_id", "occurred_at",
-           "correlation_id", "causation_id", "actor_user_id", "actor_service_account_id",
-           "actor_role", "actor_ref", "source", "action", "target_type", "target_id",
-           "result", "details", "project_id", "org_id", "subject_user_id", "event_count")
+#: column -> SQL type, in table order (``ddl``); ``_upsert`` sends one typed array per column
+TYPES = {"id": "uuid", "rank": "integer", "lead_notification_id": "bigint",
+         "first_notification_id": "bigint", "occurred_at": "timestamptz",
+         "correlation_id": "text", "causation_id": "text", "actor_user_id": "uuid",
+         "actor_service_account_id": "uuid", "actor_role": "text", "actor_ref": "text",
+         "source": "text", "action": "text", "target_type": "text", "target_id": "text",
+         "result": "text", "details": "jsonb", "project_id": "uuid", "org_id": "uuid",
+         "subject_user_id": "uuid", "event_count": "integer"}
+COLUMNS = tuple(TYPES)
 #: columns the leading (highest-ranked, then earliest) event decides
 LEAD = ("rank", "lead_notification_id", "action", "target_type", "target_id", "result")
 #: sort name -> (column, direction) keys; ties by occurred_at desc, then id (api-conventions §10.2)
@@ -95,9 +106,11 @@ class AuditLogs:
             if isinstance(getattr(item.event, "provenance", None), dict):
                 audited.append(item)
         if learned:
-            cur.executemany(SQL("INSERT INTO {0}.audit_log_scopes VALUES (%s, %s, %s, %s)"
-                                " ON CONFLICT (aggregate_id) DO NOTHING").format(
-                Identifier(schema)), [(k, *v) for k, v in learned.items()])
+            projects, orgs, users = zip(*learned.values())
+            cur.execute(SQL("INSERT INTO {0}.audit_log_scopes SELECT * FROM unnest(%b::uuid[],"
+                            " %b::uuid[], %b::uuid[], %b::uuid[])"
+                            " ON CONFLICT (aggregate_id) DO NOTHING").format(Identifier(schema)),
+                        (list(learned), list(projects), list(orgs), list(users)))
         if not audited:
             return
         wanted = {i for item in audited for i in related_ids(item.event)} - learned.keys()
@@ -161,6 +174,16 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def _upsert(cur: Cursor[Any], schema: str, rows: list[dict[str, Any]]) -> None:
+    """One statement for the batch: ``rows`` holds one row per id (``apply_many`` merged
+    them), as ON CONFLICT DO UPDATE may touch a row only once per statement."""
+    cur.execute(_upsert_sql(schema),
+                [[Jsonb(row[c]) for row in rows] if c == "details" else [row[c] for row in rows]
+                 for c in COLUMNS])
+
+
+@lru_cache(maxsize=8)
+def _upsert_sql(schema: str) -> SQL:
+    """The upsert of ``_upsert``, composed once per schema (it has many parts)."""
     leads = SQL("(EXCLUDED.rank > a.rank OR (EXCLUDED.rank = a.rank"
                 " AND EXCLUDED.lead_notification_id < a.lead_notification_id))")
     sets = [SQL("{0} = CASE WHEN {1} THEN EXCLUDED.{0} ELSE a.{0} END").format(
@@ -173,11 +196,11 @@ def _upsert(cur: Cursor[Any], schema: str, rows: list[dict[str, Any]]) -> None:
              SQL("event_count = a.event_count + EXCLUDED.event_count")]
     sets += [SQL("{0} = COALESCE(a.{0}, EXCLUDED.{0})").format(Identifier(c))
              for c in ("project_id", "org_id", "subject_user_id")]
-    cur.executemany(SQL("INSERT INTO {0}.audit_logs AS a ({1}) VALUES ({2})"
-                        " ON CONFLICT (id) DO UPDATE SET {3}").format(
+    return SQL(SQL("INSERT INTO {0}.audit_logs AS a ({1}) SELECT * FROM unnest({2})"
+                   " ON CONFLICT (id) DO UPDATE SET {3}").format(
         Identifier(schema), SQL(", ").join(Identifier(c) for c in COLUMNS),
-        SQL(", ").join(SQL("%s") for _ in COLUMNS), SQL(", ").join(sets)),
-        [[Jsonb(row[c]) if c == "details" else row[c] for c in COLUMNS] for row in rows])
+        SQL(", ").join(SQL("%b::" + t + "[]") for t in TYPES.values()),
+        SQL(", ").join(sets)).as_string())
 
 
 # ---- queries ------------------------------------------------------------------------------
