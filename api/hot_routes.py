@@ -50,7 +50,8 @@ class HotRoute:
     method: str
     pattern: re.Pattern[str]
     endpoint: Callable[..., Awaitable[Response]]
-    #: endpoint parameter name → how its value is made from the request
+    #: the endpoint's parameters: path ids (UUIDs), the body (name, model), the
+    #: request's name, and each dependency (name, async function of the request)
     path_params: tuple[str, ...]
     body: tuple[str, type[BaseModel]] | None
     request_param: str | None
