@@ -39,7 +39,7 @@ from psycopg.sql import SQL, Composed, Identifier
 from psycopg.types.json import Jsonb
 
 from domain.audit_actions import actor, fact, own_scope, related_ids, result_of, row_id
-from projections.store import Item
+from projections.store import Item, typed_arrays
 
 #: column -> SQL type, in table order (``ddl``); ``_upsert`` sends one typed array per column
 TYPES = {"id": "uuid", "rank": "integer", "lead_notification_id": "bigint",
@@ -199,7 +199,7 @@ def _upsert_sql(schema: str) -> SQL:
     return SQL(SQL("INSERT INTO {0}.audit_logs AS a ({1}) SELECT * FROM unnest({2})"
                    " ON CONFLICT (id) DO UPDATE SET {3}").format(
         Identifier(schema), SQL(", ").join(Identifier(c) for c in COLUMNS),
-        SQL(", ").join(SQL("%b::" + t + "[]") for t in TYPES.values()),
+        typed_arrays(tuple(TYPES.values())),
         SQL(", ").join(sets)).as_string())
 
 

@@ -21,7 +21,7 @@ from psycopg.sql import SQL, Identifier
 from psycopg.types.json import Jsonb
 
 from domain.billing import BillingAccount
-from projections.store import Item
+from projections.store import Item, columns, typed_arrays
 
 #: SQL types of each table's columns, in table order (``ddl``), for ``unnest`` arrays
 ACCOUNT_TYPES = ("uuid", "uuid", "text", "timestamptz", "bigint")
@@ -69,7 +69,7 @@ class BillingLedger:
         entries = [i for i in items if isinstance(i.event, BillingAccount.LedgerEntryPosted)]
         if opened:
             cur.execute(SQL("INSERT INTO {0}.billing_accounts SELECT * FROM unnest({1})")
-                        .format(s, _arrays(ACCOUNT_TYPES)), _columns(opened))
+                        .format(s, typed_arrays(ACCOUNT_TYPES)), columns(opened))
         if not entries:
             return
         cur.execute(SQL("SELECT account_id, owner_user_id FROM {0}.billing_accounts"
@@ -90,27 +90,15 @@ class BillingLedger:
             amount, _ = deltas.get((owner, e.currency), (0, 0))
             deltas[(owner, e.currency)] = (amount + e.amount_minor, item.notification_id)
         cur.execute(SQL("INSERT INTO {0}.ledger_entries SELECT * FROM unnest({1})")
-                    .format(s, _arrays(ENTRY_TYPES)), _columns(rows))
+                    .format(s, typed_arrays(ENTRY_TYPES)), columns(rows))
         # one row per (owner, currency): ON CONFLICT DO UPDATE may touch a row only once
         cur.execute(SQL(
             "INSERT INTO {0}.balances SELECT * FROM unnest({1})"
             " ON CONFLICT (owner_user_id, currency) DO UPDATE SET"
             " amount_minor = {0}.balances.amount_minor + EXCLUDED.amount_minor,"
-            " notification_id = EXCLUDED.notification_id").format(s, _arrays(BALANCE_TYPES)),
-            _columns([(owner, currency, amount, nid)
+            " notification_id = EXCLUDED.notification_id").format(s, typed_arrays(BALANCE_TYPES)),
+            columns([(owner, currency, amount, nid)
                       for (owner, currency), (amount, nid) in deltas.items()]))
-
-
-def _arrays(types: tuple[str, ...]) -> SQL:
-    """One typed array parameter per column: ``%b::uuid[], %b::text[], ...``. Binary
-    (``%b``): psycopg quotes a text-format array element by element in Python, which
-    costs more than the ``executemany`` it replaces."""
-    return SQL(", ".join(f"%b::{t}[]" for t in types))
-
-
-def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows as one list per column (the arrays ``unnest`` turns back into rows)."""
-    return [list(column) for column in zip(*rows)]
 
 
 def account_balances(cur: Cursor[Any], schema: str, owner_user_id: UUID

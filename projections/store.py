@@ -82,6 +82,18 @@ class Item:
     late: bool = False
 
 
+def typed_arrays(types: Sequence[str]) -> SQL:
+    """One typed array parameter per column, for ``INSERT ... SELECT * FROM unnest(...)``:
+    ``%b::uuid[], %b::text[], ...``. Binary (``%b``): psycopg quotes a text-format array
+    element by element in Python, which costs more than an ``executemany``."""
+    return SQL(", ".join(f"%b::{t}[]" for t in types))
+
+
+def columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Rows as one list per column (the arrays ``unnest`` turns back into rows)."""
+    return [list(column) for column in zip(*rows)]
+
+
 def tracking_name(projection: str, source: str) -> str:
     return f"{projection}|{source}"
 
@@ -215,7 +227,7 @@ class ReadModelStore(PostgresTrackingRecorder):
         this wait, then read what it committed. One statement, locking in name order,
         so two runners of a source never deadlock (a rebuild locks one name of it)."""
         cur.execute(SQL("SELECT application_name, notification_id FROM {0}.{1}"
-                        " WHERE application_name = ANY(%s) ORDER BY application_name"
+                        " WHERE application_name = ANY(%b) ORDER BY application_name"
                         " FOR UPDATE").format(Identifier(self.datastore.schema),
                                               Identifier(self.tracking_table_name)),
                     (list(names),))
@@ -231,7 +243,7 @@ class ReadModelStore(PostgresTrackingRecorder):
         rows = sorted(reached, key=lambda t: t.application_name)
         cur.execute(SQL(
             "INSERT INTO {0}.{1} (application_name, notification_id)"
-            " SELECT * FROM unnest(%s::text[], %s::bigint[])"
+            " SELECT * FROM unnest(%b::text[], %b::bigint[])"
             " ON CONFLICT (application_name) DO UPDATE"
             " SET notification_id = EXCLUDED.notification_id"
             " WHERE {0}.{1}.notification_id < EXCLUDED.notification_id"
@@ -301,7 +313,7 @@ class ReadModelStore(PostgresTrackingRecorder):
         projections' order, as ``register_sources`` inserts them."""
         cur.execute(SQL(
             "INSERT INTO {0}.read_positions (projection, source, position)"
-            " SELECT n.projection, %s::text, %s::bigint FROM unnest(%s::text[]) AS n(projection)"
+            " SELECT n.projection, %s::text, %s::bigint FROM unnest(%b::text[]) AS n(projection)"
             " ON CONFLICT (projection, source) DO UPDATE"
             " SET position = GREATEST({0}.read_positions.position, EXCLUDED.position)"
         ).format(Identifier(self.datastore.schema)), (source, position, list(projections)))
@@ -315,7 +327,7 @@ class ReadModelStore(PostgresTrackingRecorder):
         one has none), in one query: where a catch-up of them all starts."""
         with self.datastore.cursor() as cur:
             cur.execute(SQL("SELECT min(coalesce(t.notification_id, 0)) AS p"
-                            " FROM unnest(%s::text[]) AS n(name) LEFT JOIN {0}.{1} t"
+                            " FROM unnest(%b::text[]) AS n(name) LEFT JOIN {0}.{1} t"
                             " ON t.application_name = n.name").format(
                 Identifier(self.datastore.schema), Identifier(self.tracking_table_name)),
                 ([tracking_name(p.name, source) for p in self.projections],))
