@@ -129,6 +129,14 @@ def create_app(settings: Settings, stores: Stores | None = None) -> FastAPI:
     hot = [route for router in ROUTERS for route in router.routes
            if getattr(route, "endpoint", None) in HOT_ENDPOINTS] if settings.hot_routes else []
     app.state.hot_routes = HotRoutes(app, hot) if hot else None
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
-                       hot=app.state.hot_routes)
+    inner = app.build_middleware_stack
+
+    def build_middleware_stack() -> Any:
+        # RequestContext outermost, around Starlette's own error middleware: a hot route
+        # is answered without passing through that stack (it uses the app's exception
+        # handlers itself), and every answer, a 500 included, carries X-Request-Id.
+        return RequestContext(inner(), max_body_bytes=settings.max_body_bytes,
+                              hot=app.state.hot_routes)
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
     return app

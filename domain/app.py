@@ -170,8 +170,13 @@ class Ledgercore(Application[UUID]):
             self._writer.join(timeout=30)
             self._writer = None
 
-    def submit(self, command: Command) -> Future[Outcome]:
-        future: Future[Outcome] = Future()
+    def submit(self, command: Command, future: Any = None) -> Any:
+        """Queue ``command`` for the batch writer; return ``future``, which its thread
+        settles. ``future``: anything with ``set_result``, ``set_exception`` and
+        ``done`` (``api.commands.answers`` hands results to an event loop that way);
+        by default a new ``concurrent.futures.Future``."""
+        if future is None:
+            future = Future()
         if self._writer is None:
             try:
                 future.set_result(self.execute(command))

@@ -4,6 +4,7 @@ read read-model tables. Every response carries ``X-Ledger-Position`` when it app
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from fastapi import Request
@@ -39,8 +40,76 @@ def renderer(request: Request, success_status: int, shape: Any):
 
 async def run(request: Request, command: Command) -> JSONResponse:
     """Hand the command to the batch writer and answer its outcome."""
-    outcome = await asyncio.wrap_future(request.app.state.stores.app.submit(command))
-    return respond(request, outcome)
+    return respond(request, await outcome_of(request, command))
+
+
+async def outcome_of(request: Request, command: Command) -> Outcome:
+    """The command's outcome from the batch writer."""
+    future, ticket = answers(request.app).ticket()
+    request.app.state.stores.app.submit(command, ticket)
+    return await future
+
+
+def answers(app: Any) -> Answers:
+    """The app's ``Answers`` for the running event loop."""
+    loop = asyncio.get_running_loop()
+    found = getattr(app.state, "answers", None)
+    if found is None or found.loop is not loop:
+        found = app.state.answers = Answers(loop)
+    return found
+
+
+class Answers:
+    """Outcomes the batch writer settles in its own thread, handed to the event loop in
+    one wake-up for all that are ready, instead of one thread-safe call, lock and
+    future chain per command (``asyncio.wrap_future``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+
+    def ticket(self) -> tuple[asyncio.Future[Any], Ticket]:
+        future = self.loop.create_future()
+        return future, Ticket(self, future)
+
+    def settle(self, future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+        with self._lock:
+            self._ready.append((future, value, error))
+            first = len(self._ready) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for future, value, error in ready:
+            if future.done():  # the request was cancelled (the client went away)
+                continue
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
+
+
+class Ticket:
+    """What the batch writer settles (``set_result``, ``set_exception``, ``done``)."""
+
+    __slots__ = ("answers", "future", "settled")
+
+    def __init__(self, answers: Answers, future: asyncio.Future[Any]):
+        self.answers, self.future, self.settled = answers, future, False
+
+    def set_result(self, value: Any) -> None:
+        self.settled = True
+        self.answers.settle(self.future, value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.settled = True
+        self.answers.settle(self.future, None, error)
+
+    def done(self) -> bool:
+        return self.settled
 
 
 def respond(request: Request, outcome: Outcome) -> JSONResponse:
@@ -55,4 +124,4 @@ def respond(request: Request, outcome: Outcome) -> JSONResponse:
     return response
 
 
-__all__ = ["context", "renderer", "respond", "run", "error_body"]
+__all__ = ["context", "renderer", "respond", "run", "outcome_of", "error_body"]

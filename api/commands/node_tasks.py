@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Principal, node_agent
-from api.commands import context, renderer, respond
+from api.commands import context, outcome_of, renderer, respond
 from api.errors import ApiError
 from api.fields import Instant
 from domain.canonical import canonical_json
@@ -50,7 +50,7 @@ async def internal_node_wait_task(node_id: str, request: Request,
     while True:
         command = dispatch_node_tasks(context(request, principal, "api", None), node_id=node,
                                       render=renderer(request, 200, lambda result: result))
-        outcome = await asyncio.wrap_future(request.app.state.stores.app.submit(command))
+        outcome = await outcome_of(request, command)
         task = outcome.response["body"].get("task") if outcome.response["status"] == 200 else None
         if task is not None:
             outcome.response["body"] = {**task, "signature": sign(task, settings.jwt_secret)}
@@ -82,5 +82,5 @@ async def internal_node_task_result(node_id: str, task_id: UUID,
                                task_id=task_id, status=body.status, error=body.error,
                                completed_at=completed_at, output=body.output,
                                render=renderer(request, 200, lambda result: {"ok": True}))
-    outcome = await asyncio.wrap_future(request.app.state.stores.app.submit(command))
+    outcome = await outcome_of(request, command)
     return respond(request, outcome)
