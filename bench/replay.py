@@ -160,7 +160,8 @@ def timed_rebuild(stores: Any, progress: bool) -> tuple[int, float]:
 def timed_audit_replay(stores: Any, tick: Callable[[int], None] | None = None
                        ) -> tuple[Any, float]:
     """``ledgercore replay --as-of now`` over the whole history (``infra.audit.replay``):
-    the as-of position, then every account folded from its first event."""
+    the as-of position, then every account folded from its first event, by the replay's
+    default worker processes (two on a history this long; their start is timed too)."""
     from infra.audit.replay import replay as audit_replay
 
     started = time.monotonic()

@@ -4,6 +4,10 @@
 asks Postgres directly when the event store is ``eventsourcing.postgres`` with its
 JSON transcoding (the stored state's ``timestamp``), which reads no event into Python;
 any other store, or a state it cannot read, is scanned event by event.
+
+``read_part`` reads one part of the log (the events of the aggregates whose id's last
+byte is ``part`` modulo ``parts``; Postgres only), so that several processes can share
+the reading: each aggregate's events all fall in one part, in log order.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from eventsourcing.persistence import Notification
+from eventsourcing.postgres import PostgresDatastore
+from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
 #: notifications read per query
@@ -65,6 +71,45 @@ def read_log(app: Any, after: int, stop: int, topics: Sequence[str] = (), page: 
     """``read_pages`` (prefetched), one notification at a time."""
     for batch in prefetched(read_pages(app, after, stop, topics, page, tick)):
         yield from batch
+
+
+def partitioned(app: Any) -> bool:
+    """Can ``read_part`` read this app's log (Postgres, uuid originator ids)?"""
+    recorder = app.recorder
+    datastore = getattr(recorder, "datastore", None)
+    return isinstance(datastore, PostgresDatastore) and hasattr(recorder, "events_table_name") \
+        and datastore.originator_id_type == "uuid"
+
+
+def read_part(app: Any, after: int, stop: int, topics: Sequence[str], part: int, parts: int,
+              page: int = PAGE, tick: Tick | None = None) -> Iterator[Sequence[Notification]]:
+    """``read_pages``, but only the events whose originator id's last byte is ``part``
+    modulo ``parts``. Each query reads a range of ``page * parts`` positions through the
+    notification id index (about ``page`` of its rows are this part's): the predicate
+    on the originator id only filters that range's rows, so it needs no index."""
+    recorder = app.recorder
+    datastore = recorder.datastore
+    statement = SQL("SELECT notification_id, originator_id, originator_version, topic, state"
+                    " FROM {0}.{1} WHERE notification_id > %s AND notification_id <= %s").format(
+        Identifier(datastore.schema), Identifier(recorder.events_table_name))
+    if topics:
+        statement += SQL(" AND topic = ANY(%s)")
+    statement += SQL(" AND get_byte(uuid_send(originator_id), 15) %% %s = %s"
+                     " ORDER BY notification_id")
+    span = page * parts
+    while after < stop:
+        upto = min(after + span, stop)
+        params: list[Any] = [after, upto] + ([list(topics)] if topics else []) + [parts, part]
+        with datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
+            cursor.execute(statement, params, prepare=True)
+            rows = cursor.fetchall()
+        if rows:
+            yield [Notification(id=id_, originator_id=originator_id,
+                                originator_version=version, topic=topic, state=bytes(state))
+                   for id_, originator_id, version, topic, state in rows]
+        after = upto
+        if tick is not None:
+            tick(after)
 
 
 def head(app: Any) -> int:
