@@ -18,6 +18,12 @@ LEDGER_ENTRY_TAG = "ledgercore.ledger_entry.v1"
 
 
 def _normalise(value: Any) -> Any:
+    kind = type(value)  # the common exact types first; subclasses take the checks below
+    if kind is str or kind is int or kind is bool:
+        return value
+    if kind is dict:
+        return {str(k): v if type(v) is str or type(v) is int else _normalise(v)
+                for k, v in value.items() if v is not None}
     if isinstance(value, dict):
         return {str(k): _normalise(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
