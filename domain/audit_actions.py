@@ -303,8 +303,8 @@ def result_of(fact_: Fact) -> str:
 
 # ---- scope --------------------------------------------------------------------------------
 def _uuid(value: Any) -> UUID | None:
-    if value is None:
-        return None
+    if value is None or type(value) is UUID:
+        return value
     try:
         return UUID(str(value))
     except ValueError:
