@@ -40,7 +40,7 @@ from infra.db import Stores
 from projections import BY_NAME
 from tests.conftest import SECRET, Database, make_settings
 from tests.harness import ROOT
-from tests.property.test_replay_as_of import STEP_KINDS, History, build
+from tests.property.test_replay_as_of import History, build, random_steps
 
 US = timedelta(microseconds=1)
 
@@ -58,9 +58,7 @@ def audited(services: Any) -> Iterator[Audited]:
     stores = Stores.open(make_settings(services, database.dsn, run_projector=False))
     try:
         rng = random.Random(20261123)
-        steps = [(rng.choice(STEP_KINDS), rng.randint(0, 10**6),
-                  rng.choice([0, 1, rng.randint(0, 2 * 3600 * 10**6)]), rng.randint(0, 3))
-                 for _ in range(150)]
+        steps = random_steps(rng, 150)
         history = build(steps, seed=7, app=stores.app)
         catch_up(stores.app, stores.read_models)
         yield Audited(database.dsn, stores, history)

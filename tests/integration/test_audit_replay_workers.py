@@ -33,7 +33,7 @@ from infra.audit.log import head
 from infra.audit.replay import PARALLEL_MIN, AsOf, ReplayWorkerError, fold
 from infra.db import Stores, ensure_schemas
 from tests.conftest import Database, make_settings
-from tests.property.test_replay_as_of import STEP_KINDS, History, build, render
+from tests.property.test_replay_as_of import History, build, random_steps, render
 
 NS = uuid.UUID("3b8e2f4c-51a7-4d0b-9c61-0f2d8a7e5b19")
 USERS = 16
@@ -70,9 +70,7 @@ def logged(services: Any) -> Iterator[Logged]:
     try:
         rng = random.Random(20261124)
         users = [uuid.uuid5(NS, str(n)) for n in range(USERS)]
-        steps = [(rng.choice(STEP_KINDS), rng.randint(0, 10**6),
-                  rng.choice([0, 1, rng.randint(0, 2 * 3600 * 10**6)]), rng.randint(0, 3))
-                 for _ in range(150)]
+        steps = random_steps(rng, 150)
         # the history's own first command opens the log; the other accounts come after
         history = build(steps, seed=11, app=stores.app)
         middle = head(stores.app) // 2

@@ -20,6 +20,7 @@ test_audit_cli.py`` runs one on Postgres and replays it through the command line
 from __future__ import annotations
 
 import copy
+import random
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -212,6 +213,13 @@ STEP_KINDS = ["advance", "advance", "adjust", "adjust", "open", "rate", "close",
 MICROS = st.sampled_from([0, 0, 1]) | st.integers(0, 2 * 3600 * 10**6)
 steps = st.lists(st.tuples(st.sampled_from(STEP_KINDS), st.integers(0, 10**6), MICROS,
                            st.integers(0, 3)), min_size=1, max_size=25)
+
+
+def random_steps(rng: random.Random, count: int) -> list[tuple[str, int, int, int]]:
+    """``count`` steps drawn like ``steps`` draws them, for a fixed history."""
+    return [(rng.choice(STEP_KINDS), rng.randint(0, 10**6),
+             rng.choice([0, 1, rng.randint(0, 2 * 3600 * 10**6)]), rng.randint(0, 3))
+            for _ in range(count)]
 
 
 def build(history_steps: list[tuple[str, int, int, int]], seed: int = 0,
