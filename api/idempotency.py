@@ -12,6 +12,7 @@ import hashlib
 from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from api.auth import Principal
 from api.errors import ApiError
@@ -34,10 +35,14 @@ def checked_key(request: Request) -> str | None:
 
 
 def claim(request: Request, principal: Principal, operation_id: str,
-          body: dict[str, Any] | None) -> IdempotencyClaim | None:
+          body: dict[str, Any] | BaseModel | None) -> IdempotencyClaim | None:
+    """The request's claim, or None without a key. ``body``: the validated body, or its
+    model (dumped only when there is a key to fingerprint)."""
     key = checked_key(request)
     if key is None:
         return None
+    if isinstance(body, BaseModel):
+        body = body.model_dump()
     fingerprint = hashlib.sha256(canonical_json({
         "body": body,
         "path": {k: str(v) for k, v in request.path_params.items()},

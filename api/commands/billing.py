@@ -33,7 +33,7 @@ async def admin_adjust_balance(user_id: UUID, body: AdminAdjustBalanceRequest, r
     if not is_known_currency(body.currency):
         raise ApiError(400, "invalid_request", f"unknown currency {body.currency}",
                        field="currency", reason="unsupported_currency")
-    claim = idempotency.claim(request, principal, "adminAdjustBalance", body.model_dump())
+    claim = idempotency.claim(request, principal, "adminAdjustBalance", body)
     command = adjust_balance(
         context(request, principal, "admin", claim), user_id=user_id,
         direction=body.direction, amount=Money(body.amount_minor, body.currency),
