@@ -202,7 +202,9 @@ def _projector_process(settings: Settings) -> Any:
 @cli.command(name="project-log")
 def project_log() -> None:
     """Run the projectors on the event store's notification log (transport=direct), as
-    ``run`` does in a process of its own."""
+    ``run`` does in a process of its own, at a lower CPU priority
+    (``LEDGERCORE_PROJECTOR_NICE``, 10 unless set)."""
+    import os
     import threading
 
     from consumers.direct import DirectProjector
@@ -213,6 +215,8 @@ def project_log() -> None:
     if not settings.pg_dsn:
         console.print("project-log needs LEDGERCORE_PG_DSN")
         raise typer.Exit(2)
+    if settings.projector_nice:
+        os.nice(settings.projector_nice)
     stores = Stores.open(settings)
     projector = DirectProjector(stores.app, stores.read_models, settings.pg_dsn).start()
     stopped = threading.Event()

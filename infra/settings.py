@@ -48,6 +48,9 @@ class Settings:
     pg_pool_size: int = 8
     redis_prefix: str = "lc"
     run_projector: bool = True
+    #: how much the direct projector's process lowers its CPU priority (``nice``; 0 keeps
+    #: it): on shared cores, commands are served first and read models catch up in the gaps
+    projector_nice: int = 10
     #: serve the busiest commands through ``api.hot_routes`` (off: all through FastAPI)
     hot_routes: bool = True
     #: test-only fault injection: crash the relay/projector at a named point
@@ -82,6 +85,7 @@ class Settings:
             pg_pool_size=int(_get("PG_POOL_SIZE", "8")),
             redis_prefix=_get("REDIS_PREFIX", "lc"),
             run_projector=_get("RUN_PROJECTOR", "on") != "off",
+            projector_nice=_nice(_get("PROJECTOR_NICE", "10")),
             hot_routes=_get("HOT_ROUTES", "on") != "off",
             test_fault=_get("TEST_FAULT"),
         )
@@ -107,6 +111,12 @@ class Settings:
             "POSTGRES_LOCK_TIMEOUT": "10",
             "CREATE_TABLE": "y",
         }
+
+
+def _nice(text: str) -> int:
+    if not text.isdigit() or int(text) > 19:
+        raise SystemExit(f"{PREFIX}PROJECTOR_NICE must be an integer from 0 to 19, not {text!r}")
+    return int(text)
 
 
 def _persistent_secret(data_dir: Path, name: str = "jwt-secret") -> str:
