@@ -202,8 +202,8 @@ def _projector_process(settings: Settings) -> Any:
 @cli.command(name="project-log")
 def project_log() -> None:
     """Run the projectors on the event store's notification log (transport=direct), as
-    ``run`` does in a process of its own, at a lower CPU priority
-    (``LEDGERCORE_PROJECTOR_NICE``, 10 unless set)."""
+    ``run`` does in a process of its own (at a lower CPU priority with
+    ``LEDGERCORE_PROJECTOR_NICE``)."""
     import os
     import threading
 

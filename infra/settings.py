@@ -49,8 +49,8 @@ class Settings:
     redis_prefix: str = "lc"
     run_projector: bool = True
     #: how much the direct projector's process lowers its CPU priority (``nice``; 0 keeps
-    #: it): on shared cores, commands are served first and read models catch up in the gaps
-    projector_nice: int = 10
+    #: it): on shared cores, commands are then served first and read models lag further
+    projector_nice: int = 0
     #: serve the busiest commands through ``api.hot_routes`` (off: all through FastAPI)
     hot_routes: bool = True
     #: test-only fault injection: crash the relay/projector at a named point
@@ -85,7 +85,7 @@ class Settings:
             pg_pool_size=int(_get("PG_POOL_SIZE", "8")),
             redis_prefix=_get("REDIS_PREFIX", "lc"),
             run_projector=_get("RUN_PROJECTOR", "on") != "off",
-            projector_nice=_nice(_get("PROJECTOR_NICE", "10")),
+            projector_nice=_nice(_get("PROJECTOR_NICE", "0")),
             hot_routes=_get("HOT_ROUTES", "on") != "off",
             test_fault=_get("TEST_FAULT"),
         )

@@ -9,11 +9,11 @@ import pytest
 from infra.settings import Settings
 
 
-def test_the_projector_nice_defaults_to_10_and_takes_0_to_19(monkeypatch: Any, tmp_path: Any) -> None:
+def test_the_projector_nice_defaults_to_0_and_takes_0_to_19(monkeypatch: Any, tmp_path: Any) -> None:
     monkeypatch.setenv("LEDGERCORE_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("LEDGERCORE_PROJECTOR_NICE", raising=False)
-    assert Settings.from_env().projector_nice == 10
-    for given, taken in (("0", 0), ("19", 19), ("5", 5), ("", 10)):
+    assert Settings.from_env().projector_nice == 0
+    for given, taken in (("0", 0), ("19", 19), ("5", 5), ("", 0)):
         monkeypatch.setenv("LEDGERCORE_PROJECTOR_NICE", given)
         assert Settings.from_env().projector_nice == taken
     for bad in ("20", "-1", "ten", "1.5"):
