@@ -119,21 +119,27 @@ class Served:
 
 
 @contextmanager
+def own_stores(services: Services, **overrides: Any) -> Iterator[tuple[Database, Stores]]:
+    """``Stores`` over a database of their own; closed, and the database dropped, after."""
+    database = Database(services)
+    stores = Stores.open(make_settings(services, database.dsn, **overrides))
+    try:
+        yield database, stores
+    finally:
+        stores.close()
+        database.drop()
+
+
+@contextmanager
 def serve_own_database(services: Services, **overrides: Any) -> Iterator[Served]:
     """A server over a database of its own (dropped afterwards), for tests whose lists,
     counts or rebuilds must see only what they wrote."""
     from api.app import create_app
     from tests.harness import ServerThread
 
-    database = Database(services)
-    settings = make_settings(services, database.dsn, **overrides)
-    stores = Stores.open(settings)
-    try:
-        with ServerThread(create_app(settings, stores)) as server:
-            yield Served(server.url, stores, settings, database.dsn)
-    finally:
-        stores.close()
-        database.drop()
+    with own_stores(services, **overrides) as (database, stores):
+        with ServerThread(create_app(stores.settings, stores)) as server:
+            yield Served(server.url, stores, stores.settings, database.dsn)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from infra.audit.offline import csv_records, ndjson_records, verify_records
 from infra.cli import cli
 from infra.db import Stores
 from projections import BY_NAME
-from tests.conftest import SECRET, Database, make_settings
+from tests.conftest import SECRET, own_stores
 from tests.harness import ROOT
 from tests.property.test_replay_as_of import History, build, random_steps
 
@@ -54,17 +54,12 @@ class Audited:
 
 @pytest.fixture(scope="module")
 def audited(services: Any) -> Iterator[Audited]:
-    database = Database(services)
-    stores = Stores.open(make_settings(services, database.dsn, run_projector=False))
-    try:
+    with own_stores(services, run_projector=False) as (database, stores):
         rng = random.Random(20261123)
         steps = random_steps(rng, 150)
         history = build(steps, seed=7, app=stores.app)
         catch_up(stores.app, stores.read_models)
         yield Audited(database.dsn, stores, history)
-    finally:
-        stores.close()
-        database.drop()
 
 
 @pytest.fixture

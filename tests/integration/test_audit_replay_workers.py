@@ -32,7 +32,7 @@ from domain.provenance import CommandContext
 from infra.audit.log import head
 from infra.audit.replay import PARALLEL_MIN, AsOf, ReplayWorkerError, fold
 from infra.db import Stores, ensure_schemas
-from tests.conftest import Database, make_settings
+from tests.conftest import own_stores
 from tests.property.test_replay_as_of import History, build, random_steps, render
 
 NS = uuid.UUID("3b8e2f4c-51a7-4d0b-9c61-0f2d8a7e5b19")
@@ -65,9 +65,7 @@ def credit_and_debit(app: Ledgercore, users: list[uuid.UUID], rng: random.Random
 
 @pytest.fixture(scope="module")
 def logged(services: Any) -> Iterator[Logged]:
-    database = Database(services)
-    stores = Stores.open(make_settings(services, database.dsn, run_projector=False))
-    try:
+    with own_stores(services, run_projector=False) as (_, stores):
         rng = random.Random(20261124)
         users = [uuid.uuid5(NS, str(n)) for n in range(USERS)]
         steps = random_steps(rng, 150)
@@ -77,9 +75,6 @@ def logged(services: Any) -> Iterator[Logged]:
         for _ in range(4):
             credit_and_debit(stores.app, users, rng, history)
         yield Logged(stores, history, users, middle)
-    finally:
-        stores.close()
-        database.drop()
 
 
 def content(state: AsOf) -> dict[str, Any]:
