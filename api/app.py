@@ -103,8 +103,7 @@ def create_app(settings: Settings, stores: Stores | None = None) -> FastAPI:
         app.state.projector = None
         if settings.transport == "direct" and settings.run_projector:
             app.state.projector = DirectProjector(
-                app.state.stores.app, app.state.stores.read_models, settings.pg_dsn or "",
-                min_interval=settings.projector_interval_ms / 1000).start()
+                app.state.stores.app, app.state.stores.read_models, settings.pg_dsn or "").start()
         try:
             yield
         finally:

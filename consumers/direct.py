@@ -4,12 +4,9 @@ An event a read model cannot apply (or that cannot be decoded at all) becomes a 
 letter for that read model (``projections.store``); the projector goes on with the
 rest. What operators requeue is applied at the start of every catch-up.
 
-The projector wakes at the writers' commits, but a catch-up starts at most every
-``min_interval`` (20 ms by default, ``LEDGERCORE_PROJECTOR_INTERVAL_MS``): under a steady
-stream of commands, the events of that interval are applied as one batch instead of
-one batch per commit. A batch's bookkeeping (requeued events, the start position,
-every read model's tracking and watermark) takes a few statements, whatever the
-number of read models, so it costs per batch, not per event."""
+The projector wakes at every commit of the writers, so batches are small: the
+bookkeeping around them (requeued events, the start position, every read model's
+tracking and watermark) takes a few statements, whatever the number of read models."""
 
 from __future__ import annotations
 
@@ -37,12 +34,7 @@ def read_items(app: Application[Any], after: int, limit: int) -> list[Item]:
 
 def catch_up(app: Application[Any], store: ReadModelStore, batch_size: int = 500) -> int:
     """Apply what operators requeued, then everything the log holds now; return the
-    position reached.
-
-    "Now" is the last read: one that finds fewer than ``batch_size`` events has reached
-    the head. Events committed meanwhile wait for the next catch-up (their commit
-    notifies the projector), so a stream of small commits does not keep one catch-up
-    going in batches of an event or two."""
+    position reached."""
     retry_requeued(store, app.mapper)
     position = store.lowest_tracked(SOURCE)
     while True:
@@ -51,17 +43,13 @@ def catch_up(app: Application[Any], store: ReadModelStore, batch_size: int = 500
             return position
         store.apply_batch(SOURCE, items, watermark=items[-1].notification_id)
         position = items[-1].notification_id
-        if len(items) < batch_size:
-            return position
 
 
 class DirectProjector:
     """Runs ``catch_up`` in a thread whenever the log may have grown.
 
     Wakes on Postgres NOTIFY from the event store (any process's writes), on
-    ``poke()`` (this process's writes) and every ``idle_seconds`` regardless, but
-    starts a catch-up at most every ``min_interval`` seconds: the first event after a
-    quiet spell is applied at once, the events of a busy spell in batches. An
+    ``poke()`` (this process's writes) and every ``idle_seconds`` regardless. An
     event a read model cannot apply is dead-lettered and the rest go on; a batch
     that fails for another reason (the database is unreachable) is retried with
     backoff and never skipped: the error is logged, exposed as ``last_error`` and in
@@ -69,10 +57,8 @@ class DirectProjector:
     """
 
     def __init__(self, app: Application[Any], store: ReadModelStore, dsn: str,
-                 channel: str | None = None, idle_seconds: float = 1.0,
-                 min_interval: float = 0.0):
+                 channel: str | None = None, idle_seconds: float = 1.0):
         self.app, self.store, self.dsn = app, store, dsn
-        self.min_interval = min_interval
         #: the channel the event store's insert NOTIFYs (the library names it after its table)
         self.channel = channel or getattr(app.recorder, "channel_name", "stored_events")
         self.idle_seconds = idle_seconds
@@ -102,7 +88,6 @@ class DirectProjector:
         backoff = 0.05
         while not self._stop.is_set():
             self._wake.clear()
-            started = time.monotonic()
             try:
                 position = catch_up(self.app, self.store)
                 self.last_error = None
@@ -116,9 +101,6 @@ class DirectProjector:
                 backoff = min(backoff * 2, 5.0)
                 continue
             self._wake.wait(self.idle_seconds)
-            rest = self.min_interval - (time.monotonic() - started)
-            if rest > 0:
-                self._stop.wait(rest)  # gather what commits meanwhile into one batch
 
     def _listen(self) -> None:
         while not self._stop.is_set():

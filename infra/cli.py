@@ -218,8 +218,7 @@ def project_log() -> None:
     if settings.projector_nice:
         os.nice(settings.projector_nice)
     stores = Stores.open(settings)
-    projector = DirectProjector(stores.app, stores.read_models, settings.pg_dsn,
-                                min_interval=settings.projector_interval_ms / 1000).start()
+    projector = DirectProjector(stores.app, stores.read_models, settings.pg_dsn).start()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stopped.set())

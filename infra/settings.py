@@ -51,9 +51,6 @@ class Settings:
     #: how much the direct projector's process lowers its CPU priority (``nice``; 0 keeps
     #: it): on shared cores, commands are then served first and read models lag further
     projector_nice: int = 0
-    #: the direct projector starts a catch-up at most this often (ms): under a steady
-    #: stream of commands it applies an interval's events as one batch (0: at every commit)
-    projector_interval_ms: int = 20
     #: serve the busiest commands through ``api.hot_routes`` (off: all through FastAPI)
     hot_routes: bool = True
     #: test-only fault injection: crash the relay/projector at a named point
@@ -88,9 +85,7 @@ class Settings:
             pg_pool_size=int(_get("PG_POOL_SIZE", "8")),
             redis_prefix=_get("REDIS_PREFIX", "lc"),
             run_projector=_get("RUN_PROJECTOR", "on") != "off",
-            projector_nice=_bounded("PROJECTOR_NICE", _get("PROJECTOR_NICE", "0"), 19),
-            projector_interval_ms=_bounded("PROJECTOR_INTERVAL_MS",
-                                           _get("PROJECTOR_INTERVAL_MS", "20"), 1000),
+            projector_nice=_nice(_get("PROJECTOR_NICE", "0")),
             hot_routes=_get("HOT_ROUTES", "on") != "off",
             test_fault=_get("TEST_FAULT"),
         )
@@ -118,9 +113,9 @@ class Settings:
         }
 
 
-def _bounded(name: str, text: str, highest: int) -> int:
-    if not text.isdigit() or int(text) > highest:
-        raise SystemExit(f"{PREFIX}{name} must be an integer from 0 to {highest}, not {text!r}")
+def _nice(text: str) -> int:
+    if not text.isdigit() or int(text) > 19:
+        raise SystemExit(f"{PREFIX}PROJECTOR_NICE must be an integer from 0 to 19, not {text!r}")
     return int(text)
 
 

@@ -15,7 +15,6 @@ from typing import Any
 from eventsourcing.persistence import IntegrityError
 
 from api.app import create_app
-from api.consistency import current_position
 from consumers.direct import catch_up
 from consumers.rebuild import rebuild
 from infra.db import ensure_schemas, read_model_datastore
@@ -107,6 +106,7 @@ def test_the_direct_projector_wakes_on_another_writers_notify(
     once through the event store's NOTIFY, not after the projector's idle timeout."""
     import time
 
+    from api.consistency import current_position
     from consumers.direct import DirectProjector
 
     settings = settings_for(new_database().dsn, run_projector=False)
@@ -124,97 +124,6 @@ def test_the_direct_projector_wakes_on_another_writers_notify(
             while current_position(projecting, "billing_ledger") < target:
                 assert time.monotonic() - sent < 5, "the projector did not wake on NOTIFY"
                 time.sleep(0.01)
-    finally:
-        projector.stop()
-
-
-
-def credit(app: Any, user: uuid.UUID) -> int:
-    """One ``adminAdjustBalance`` credit straight through the application; the log
-    position of its event."""
-    from domain.billing import adjust_balance
-    from domain.money import Money
-    from domain.provenance import CommandContext
-
-    app.execute(adjust_balance(CommandContext(actor_id=str(user)), user_id=user,
-                               direction="credit", amount=Money(42, "USD"), reason="rm",
-                               render=lambda result: {"result": result}))
-    return int(app.recorder.max_notification_id())
-
-
-def test_a_catch_up_ends_at_the_head_of_its_last_read(new_database: Any, settings_for: Any,
-                                                      stores_for: Any) -> None:
-    """Full batches go on to the next read; a partial one reached the head, so what
-    commits during it waits for the next catch-up instead of prolonging this one."""
-    stores = stores_for(settings_for(new_database().dsn, run_projector=False))
-    user = uuid.uuid4()
-    first = [credit(stores.app, user) for _ in range(7)]
-    assert catch_up(stores.app, stores.read_models, batch_size=3) == first[-1]  # 3 + 3 + 1
-
-    more = [credit(stores.app, user) for _ in range(2)]
-    store, late = stores.read_models, []
-    applied_alone = store.apply_batch
-
-    def apply_then_commit_another(*args: Any, **kwargs: Any) -> int:
-        done = applied_alone(*args, **kwargs)
-        if not late:  # a writer commits while the first batch is applied
-            late.append(credit(stores.app, user))
-        return done
-
-    store.apply_batch = apply_then_commit_another  # type: ignore[method-assign]
-    try:
-        assert catch_up(stores.app, store, batch_size=3) == more[-1]
-        assert late and late[0] > more[-1]
-        assert catch_up(stores.app, store, batch_size=3) == late[0]
-    finally:
-        del store.apply_batch
-    assert current_position(stores, "billing_ledger") == late[0]
-    with stores.query_pool.connection() as conn:
-        balance = conn.execute("SELECT amount_minor FROM readmodels.balances").fetchall()
-    assert balance == [{"amount_minor": 42 * 10}]
-
-
-def test_the_direct_projector_batches_a_busy_spell_and_applies_a_quiet_ones_event_at_once(
-        new_database: Any, settings_for: Any, stores_for: Any, monkeypatch: Any) -> None:
-    """``min_interval``: the first event after a quiet spell is applied at once; while
-    commits keep coming, a catch-up starts at most once per interval."""
-    import time
-
-    import consumers.direct
-
-    stores = stores_for(settings_for(new_database().dsn, run_projector=False))
-    starts: list[float] = []
-
-    def counted(app: Any, store: Any) -> int:
-        starts.append(time.monotonic())
-        return catch_up(app, store)
-
-    monkeypatch.setattr(consumers.direct, "catch_up", counted)
-    projector = consumers.direct.DirectProjector(stores.app, stores.read_models,
-                                                 stores.settings.pg_dsn, idle_seconds=60,
-                                                 min_interval=0.5).start()
-
-    def applied(target: int, within: float) -> float:
-        sent = time.monotonic()
-        while current_position(stores, "billing_ledger") < target:
-            assert time.monotonic() - sent < within, f"{target} not applied within {within}s"
-            time.sleep(0.005)
-        return time.monotonic() - sent
-
-    try:
-        user = uuid.uuid4()
-        time.sleep(0.8)  # the first pass, its LISTEN, and a quiet spell longer than 0.5 s
-        assert applied(credit(stores.app, user), within=0.4) < 0.4
-
-        begun, count = time.monotonic(), len(starts)
-        last = 0
-        while time.monotonic() - begun < 2.0:  # a commit every 20 ms for 2 s
-            last = credit(stores.app, user)
-            time.sleep(0.02)
-        applied(last, within=2.0)
-        during = [t for t in starts[count:] if t <= time.monotonic()]
-        assert 2 <= len(during) <= 2.0 / 0.5 + 2, f"{len(during)} catch-ups in a busy 2 s"
-        assert all(b - a >= 0.49 for a, b in zip(during, during[1:]))
     finally:
         projector.stop()
 

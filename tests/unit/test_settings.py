@@ -1,4 +1,4 @@
-"""Settings from the environment: the direct projector's priority and interval."""
+"""Settings from the environment: the projector's priority."""
 
 from __future__ import annotations
 
@@ -9,21 +9,14 @@ import pytest
 from infra.settings import Settings
 
 
-@pytest.mark.parametrize(("name", "field", "default", "highest"), [
-    ("PROJECTOR_NICE", "projector_nice", 0, 19),
-    ("PROJECTOR_INTERVAL_MS", "projector_interval_ms", 20, 1000),
-])
-def test_a_bounded_projector_setting_has_its_default_and_refuses_what_is_out_of_range(
-        monkeypatch: Any, tmp_path: Any, name: str, field: str, default: int,
-        highest: int) -> None:
-    variable = f"LEDGERCORE_{name}"
+def test_the_projector_nice_defaults_to_0_and_takes_0_to_19(monkeypatch: Any, tmp_path: Any) -> None:
     monkeypatch.setenv("LEDGERCORE_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv(variable, raising=False)
-    assert getattr(Settings.from_env(), field) == default
-    for given, taken in (("0", 0), (str(highest), highest), ("5", 5), ("", default)):
-        monkeypatch.setenv(variable, given)
-        assert getattr(Settings.from_env(), field) == taken
-    for bad in (str(highest + 1), "-1", "ten", "1.5"):
-        monkeypatch.setenv(variable, bad)
-        with pytest.raises(SystemExit, match=f"{name} must be an integer from 0 to {highest}"):
+    monkeypatch.delenv("LEDGERCORE_PROJECTOR_NICE", raising=False)
+    assert Settings.from_env().projector_nice == 0
+    for given, taken in (("0", 0), ("19", 19), ("5", 5), ("", 0)):
+        monkeypatch.setenv("LEDGERCORE_PROJECTOR_NICE", given)
+        assert Settings.from_env().projector_nice == taken
+    for bad in ("20", "-1", "ten", "1.5"):
+        monkeypatch.setenv("LEDGERCORE_PROJECTOR_NICE", bad)
+        with pytest.raises(SystemExit, match="PROJECTOR_NICE must be an integer from 0 to 19"):
             Settings.from_env()
