@@ -41,7 +41,9 @@ def catch_up(app: Application[Any], store: ReadModelStore, batch_size: int = 500
         items = read_items(app, position, batch_size)
         if not items:
             return position
-        store.apply_batch(SOURCE, items, watermark=items[-1].notification_id)
+        # the log is read again from the tracking after a crash: no need to wait for
+        # the WAL flush (see ``projections.store``)
+        store.apply_batch(SOURCE, items, watermark=items[-1].notification_id, synchronous=False)
         position = items[-1].notification_id
 
 

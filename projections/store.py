@@ -21,6 +21,14 @@ the same aggregate are parked behind it (that read model keeps each aggregate's 
 and everything else goes on. An operator requeues it (applied once, then what was
 parked) or discards it (what was parked is applied). Infrastructure errors (database
 unreachable, lock timeouts) fail the whole batch, which the transport retries.
+
+The direct transport commits its batches without waiting for the WAL flush
+(``synchronous=False``: ``synchronous_commit`` off for that transaction only). Its
+source is the event store's own log and its position is the tracking committed with
+the rows, so a Postgres crash that loses the last batches loses their tracking with
+them, and they are applied again from the log. The event store's commits stay
+synchronous, and so do the Kafka transport's, whose Kafka offsets are committed after
+the batch (a lost batch would not be redelivered).
 """
 
 from __future__ import annotations
@@ -115,17 +123,20 @@ class ReadModelStore(PostgresTrackingRecorder):
 
     # ---- writing -------------------------------------------------------------------
     def apply_batch(self, source: str, items: Sequence[Item], watermark: int | None,
-                    dead_letters: list[dl.DeadLetter] | None = None) -> int:
+                    dead_letters: list[dl.DeadLetter] | None = None,
+                    synchronous: bool = True) -> int:
         """Apply ``items`` (ascending notification ids of one source) to every read
         model, skipping what each has already applied; record tracking and the
         watermark. Returns how many (projection, event) applications were made.
 
         If an event fails a read model, the batch is applied again carefully (see the
         module docstring); the dead letters it recorded are appended to
-        ``dead_letters`` when given."""
+        ``dead_letters`` when given. ``synchronous=False`` commits without waiting for
+        the WAL flush: only for a source that is read again from its tracking after a
+        crash (see the module docstring)."""
         if not any(isinstance(i.event, dl.Undecodable) for i in items):
             try:
-                return self._apply_batch(source, items, watermark, None)
+                return self._apply_batch(source, items, watermark, None, synchronous)
             except _Careful:
                 pass
             except Exception as error:
@@ -134,7 +145,7 @@ class ReadModelStore(PostgresTrackingRecorder):
                 log.warning("batch from %s failed (%s: %s); bisecting to the failing event",
                             source, type(error).__name__, error)
         recorded: list[dl.DeadLetter] = []
-        applied = self._apply_batch(source, items, watermark, recorded)
+        applied = self._apply_batch(source, items, watermark, recorded, synchronous)
         for letter in recorded:
             log.error("dead letter %s: %s could not apply notification %s (%s)", letter.seq,
                       letter.projection, letter.notification_id, letter.status)
@@ -143,7 +154,7 @@ class ReadModelStore(PostgresTrackingRecorder):
         return applied
 
     def _apply_batch(self, source: str, items: Sequence[Item], watermark: int | None,
-                     recorded: list[dl.DeadLetter] | None) -> int:
+                     recorded: list[dl.DeadLetter] | None, synchronous: bool = True) -> int:
         """One transaction. ``recorded is None``: the fast path (any failure aborts);
         otherwise each read model's events go under savepoints and failures become
         dead letters appended to ``recorded``. Either way every read model's tracking
@@ -152,6 +163,8 @@ class ReadModelStore(PostgresTrackingRecorder):
         schema = self.datastore.schema
         names = {p.name: tracking_name(p.name, source) for p in self.projections}
         with self.datastore.transaction(commit=True) as cur:
+            if not synchronous:
+                cur.execute("SET LOCAL synchronous_commit = off")
             blocked = dl.blocked(cur, schema)
             positions = self._locked_positions(cur, list(names.values()))
             reached: list[Tracking] = []

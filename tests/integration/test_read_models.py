@@ -240,3 +240,58 @@ def test_a_batch_waits_for_a_rebuild_then_applies_only_what_follows_it(
         assert batch == {"result": 2}  # read the rebuild's position: only 5 and 6 were left
         assert probe_rows(projecting) == [1, 2, 3, 4, 5, 6]
         assert projecting.tracked("probe", "log") == 6 and probe_position(projecting) == 6
+
+
+# ---- how a batch commits -----------------------------------------------------------------
+class CommitProbe:
+    """A read model noting, for each event, whether its transaction's commit waits for
+    the WAL flush (``synchronous_commit``)."""
+
+    name = "commit_probe"
+    tables = ("commit_probe_rows",)
+
+    def ddl(self, schema: str) -> list[str]:
+        return [f"CREATE TABLE IF NOT EXISTS {schema}.commit_probe_rows"
+                " (notification_id bigint PRIMARY KEY, synchronous_commit text NOT NULL)"]
+
+    def apply(self, cur: Any, schema: str, event: Any, notification_id: int) -> None:
+        cur.execute(f"INSERT INTO {schema}.commit_probe_rows"
+                    " VALUES (%s, current_setting('synchronous_commit'))", (notification_id,))
+
+
+def test_the_direct_transport_alone_commits_its_batches_without_waiting_for_the_flush(
+        new_database: Any, settings_for: Any, stores_for: Any) -> None:
+    """The direct projector's source is the event log, read again from the tracking
+    committed with the rows: a batch lost in a Postgres crash is applied again, so its
+    commit need not wait. Every other batch (the Kafka transport's, whose offsets are
+    committed after it) and the event store's own commits still wait."""
+    from domain.billing import adjust_balance
+    from domain.money import Money
+    from domain.provenance import CommandContext
+
+    settings = settings_for(new_database().dsn, run_projector=False)
+    stores = stores_for(settings)
+    user = uuid.uuid4()
+    for _ in range(2):
+        stores.app.execute(adjust_balance(
+            CommandContext(actor_id=str(user)), user_id=user, direction="credit",
+            amount=Money(42, "USD"), reason="rm", render=lambda result: {"result": result}))
+    store = ReadModelStore(read_model_datastore(settings), [CommitProbe()])
+    store.create_table()
+    try:
+        last = stores.app.recorder.max_notification_id()  # an opening and two credits
+        assert last == 3 and catch_up(stores.app, store) == last
+        aggregate = SimpleNamespace(originator_id=uuid.uuid4())
+        store.apply_batch("kafka:events/0", [Item(7, aggregate)], watermark=7)
+        with store.datastore.cursor() as cur:
+            cur.execute("SELECT notification_id, synchronous_commit FROM"
+                        " readmodels.commit_probe_rows ORDER BY 1")
+            rows = [(row["notification_id"], row["synchronous_commit"]) for row in cur.fetchall()]
+            cur.execute("SHOW synchronous_commit")
+            default = cur.fetchone()["synchronous_commit"]
+            applied_from_the_log = position(cur, "commit_probe", "log")
+        assert rows == [(1, "off"), (2, "off"), (3, "off"), (7, "on")]
+        assert default == "on"  # SET LOCAL: the pooled connections keep the default
+        assert applied_from_the_log == 3
+    finally:
+        store.datastore.close()
