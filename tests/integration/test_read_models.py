@@ -263,8 +263,9 @@ def test_the_direct_transport_alone_commits_its_batches_without_waiting_for_the_
         new_database: Any, settings_for: Any, stores_for: Any) -> None:
     """The direct projector's source is the event log, read again from the tracking
     committed with the rows: a batch lost in a Postgres crash is applied again, so its
-    commit need not wait. Every other batch (the Kafka transport's, whose offsets are
-    committed after it) and the event store's own commits still wait."""
+    commit need not wait. A batch from any other source (the Kafka transport's, whose
+    offsets are committed after it) still waits, and the setting stays in its
+    transaction."""
     from domain.billing import adjust_balance
     from domain.money import Money
     from domain.provenance import CommandContext
