@@ -154,7 +154,7 @@ class ReadModelStore(PostgresTrackingRecorder):
         return applied
 
     def _apply_batch(self, source: str, items: Sequence[Item], watermark: int | None,
-                     recorded: list[dl.DeadLetter] | None, synchronous: bool = True) -> int:
+                     recorded: list[dl.DeadLetter] | None, synchronous: bool) -> int:
         """One transaction. ``recorded is None``: the fast path (any failure aborts);
         otherwise each read model's events go under savepoints and failures become
         dead letters appended to ``recorded``. Either way every read model's tracking
