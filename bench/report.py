@@ -52,6 +52,19 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row(section, f"{level} concurrent: commands/s (200)", figures["ok_per_second"],
                          "/s", "eventsourcing naive, 1 save per command (sequential)",
                          ref.get("naive_eventsourcing", {}).get("events_per_second")))
+    apart = lc.get("commands_projector_apart", {})
+    section = ("commands, projector apart (no projector process during the ladder; the read "
+               "models applied after it)")
+    for level, figures in apart.get("levels", {}).items():
+        rows.append(_row(section, f"{level} concurrent: commands/s (200)", figures["ok_per_second"],
+                         "/s", "HTTP ceiling, async handler", asyn.get(level, {}).get("per_second")))
+        rows.append(_row(section, f"{level} concurrent: commands/s (200)", figures["ok_per_second"],
+                         "/s", "the same level with the projector running",
+                         lc.get("commands", {}).get(level, {}).get("ok_per_second")))
+    if apart.get("projected_events_per_second"):
+        rows.append(_row(section, f"project-log applying the ladder's {apart['projected_events']:,} "
+                         "events: events/s", apart["projected_events_per_second"], "/s",
+                         "psycopg, 100 rows per commit", insert_100))
     section = "projection lag (response → read model)"
     lag = lc.get("lag", {})
     for transport, name in (("direct", "direct"), ("kafka", "Kafka")):
@@ -203,7 +216,7 @@ def print_report(console: Console, results: dict[str, Any]) -> None:
                 f"{results['machine']['cpus']}): server (+ its projector process) / Postgres / "
                       "load generator / other")
     cpu.add_column("concurrency")
-    for name in ("ledgercore", "HTTP ceiling, sync", "HTTP ceiling, async"):
+    for name in ("ledgercore", "projector apart", "HTTP ceiling, sync", "HTTP ceiling, async"):
         cpu.add_column(name, justify="right")
 
     def cores(figures: dict[str, Any] | None) -> str:
@@ -219,6 +232,8 @@ def print_report(console: Console, results: dict[str, Any]) -> None:
 
     for level, figures in results["ledgercore"].get("commands", {}).items():
         cpu.add_row(level, cores(figures),
+                    cores(results["ledgercore"].get("commands_projector_apart", {})
+                          .get("levels", {}).get(level)),
                     cores(ref.get("http_ceiling", {}).get("sync", {}).get("levels", {}).get(level)),
                     cores(ref.get("http_ceiling", {}).get("async", {}).get("levels", {}).get(level)))
     console.print(cpu)

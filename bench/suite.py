@@ -7,6 +7,8 @@ Phases (one at a time, so they do not share the two cores):
    broker, the HTTP ceiling (async and sync handlers) at every concurrency level;
 2. ledgercore, direct transport: the command ladder, projection lag under a steady
    load, balance queries (cache hit and miss), then the integrity check;
+2b. projector apart: the command ladder with no projector process beside the server,
+   then ``project-log`` applies the whole log and the integrity check;
 3. ledgercore, Kafka transport (server, ``relay`` and ``project`` processes):
    projection lag under the same load, then the integrity check;
 4. placement: launches racing for the last nodes of a SKU, through one and two
@@ -324,6 +326,42 @@ class Suite:
         self.caught_up(stores, dsn, "log", "direct read model")
         self.stop("server (direct transport)", server.child)
         self.results["integrity"]["direct"] = self.check(stores, expect, "direct")
+
+    # ---- 2b. ledgercore, projector apart ----------------------------------------------------
+    def ledgercore_projector_apart(self) -> None:
+        """The same command ladder with the read models projected afterwards: the server
+        runs without its projector process (``LEDGERCORE_RUN_PROJECTOR=off``), as when
+        the projectors have cores of their own, then ``project-log`` applies the whole
+        log and the integrity check holds the read models to it as in phase 2."""
+        from infra.db import Stores
+
+        dsn = self.run.database("apart")
+        server = self.run.start_ledgercore("server-projector-apart", dsn, run_projector="off")
+        stores = Stores.open(self.run.settings(dsn, pg_pool_size=2))
+        self.run.on_close(stores.close)
+        expect = integrity.Expectations()
+        users = [str(uuid.uuid4()) for _ in range(self.p.users)]
+        levels: dict[str, Any] = {}
+        for concurrency in self.p.concurrency:
+            result = self.loadgen(
+                f"ledgercore commands, projector apart, {concurrency} concurrent",
+                self.adjust_spec(server, users, concurrency, self.p.duration, self.p.warmup,
+                                 balances=expect.balances()))
+            expect.add(result)
+            levels[str(concurrency)] = strip(result)
+        self.stop("server (projector apart)", server.child)
+        task = self.task("projector apart: project-log applies the ladder's events", None)
+        projector = self.run.start_cli("projector-apart", "project-log", dsn)
+        started = time.monotonic()
+        self.caught_up(stores, dsn, "log", "projector apart")
+        events = stores.app.recorder.max_notification_id() or 0
+        projected = time.monotonic() - started
+        self.done(task)
+        self.stop("projector apart (project-log)", projector)
+        self.results["ledgercore"]["commands_projector_apart"] = {
+            "levels": levels, "projected_events": events, "projected_seconds": projected,
+            "projected_events_per_second": events / projected if projected else None}
+        self.results["integrity"]["projector_apart"] = self.check(stores, expect, "projector apart")
 
     def lag(self, server: Server, dsn: str, prefix: str, users: list[str],
             expect: integrity.Expectations, stores: Any) -> dict[str, Any]:
@@ -716,7 +754,8 @@ def main(argv: list[str] | None = None) -> None:
                       TimeElapsedColumn(), console=console,
                       disable=not console.is_terminal) as progress:
             suite = Suite(run, params, progress, console)
-            for phase in (suite.machine_limits, suite.ledgercore_direct, suite.ledgercore_kafka,
+            for phase in (suite.machine_limits, suite.ledgercore_direct,
+                          suite.ledgercore_projector_apart, suite.ledgercore_kafka,
                           suite.placement, suite.admissions, suite.replay):
                 phase_started = time.monotonic()
                 phase()
