@@ -298,21 +298,7 @@ class Suite:
         self.run.on_close(stores.close)
         expect = integrity.Expectations()
         users = [str(uuid.uuid4()) for _ in range(self.p.users)]
-        out["commands"] = {}
-        for concurrency in self.p.concurrency:
-            before = stores.app.recorder.max_notification_id() or 0
-            result = self.loadgen(
-                f"ledgercore commands, {concurrency} concurrent",
-                self.adjust_spec(server, users, concurrency, self.p.duration, self.p.warmup,
-                                 balances=expect.balances()))
-            after = stores.app.recorder.max_notification_id() or 0
-            expect.add(result)
-            busy = result["finished"] - result["started"]
-            out["commands"][str(concurrency)] = {
-                **strip(result),
-                "events_appended": after - before,
-                "events_per_second": (after - before) / busy,
-            }
+        out["commands"] = self.ladder(server, stores, users, expect, "ledgercore commands")
         out["event_bytes"] = replay.event_bytes(stores)
 
         out["lag"] = {"direct": self.lag(server, dsn, "log", users, expect, stores)}
@@ -326,6 +312,26 @@ class Suite:
         self.caught_up(stores, dsn, "log", "direct read model")
         self.stop("server (direct transport)", server.child)
         self.results["integrity"]["direct"] = self.check(stores, expect, "direct")
+
+    def ladder(self, server: Server, stores: Any, users: list[str],
+               expect: integrity.Expectations, label: str) -> dict[str, Any]:
+        """``adminAdjustBalance`` at each concurrency level, one after another."""
+        levels: dict[str, Any] = {}
+        for concurrency in self.p.concurrency:
+            before = stores.app.recorder.max_notification_id() or 0
+            result = self.loadgen(
+                f"{label}, {concurrency} concurrent",
+                self.adjust_spec(server, users, concurrency, self.p.duration, self.p.warmup,
+                                 balances=expect.balances()))
+            after = stores.app.recorder.max_notification_id() or 0
+            expect.add(result)
+            busy = result["finished"] - result["started"]
+            levels[str(concurrency)] = {
+                **strip(result),
+                "events_appended": after - before,
+                "events_per_second": (after - before) / busy,
+            }
+        return levels
 
     # ---- 2b. ledgercore, projector apart ----------------------------------------------------
     def ledgercore_projector_apart(self) -> None:
@@ -341,14 +347,7 @@ class Suite:
         self.run.on_close(stores.close)
         expect = integrity.Expectations()
         users = [str(uuid.uuid4()) for _ in range(self.p.users)]
-        levels: dict[str, Any] = {}
-        for concurrency in self.p.concurrency:
-            result = self.loadgen(
-                f"ledgercore commands, projector apart, {concurrency} concurrent",
-                self.adjust_spec(server, users, concurrency, self.p.duration, self.p.warmup,
-                                 balances=expect.balances()))
-            expect.add(result)
-            levels[str(concurrency)] = strip(result)
+        levels = self.ladder(server, stores, users, expect, "ledgercore commands, projector apart")
         self.stop("server (projector apart)", server.child)
         task = self.task("projector apart: project-log applies the ladder's events", None)
         projector = self.run.start_cli("projector-apart", "project-log", dsn)
