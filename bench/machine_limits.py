@@ -63,6 +63,8 @@ def broker_rates(bootstrap: str, messages: int, timeout: float, size: int = 300,
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
     from kafka.admin import NewTopic
 
+    from consumers.relay import PRODUCER
+
     topic = f"lcbench.{uuid.uuid4().hex[:8]}.raw"
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="lcbench-admin")
     try:
@@ -71,8 +73,7 @@ def broker_rates(bootstrap: str, messages: int, timeout: float, size: int = 300,
         admin.close()
     payload = os.urandom(size // 2).hex().encode()
     deadline = time.monotonic() + timeout
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", retries=10, linger_ms=2,
-                             max_in_flight_requests_per_connection=1, client_id="lcbench-producer")
+    producer = KafkaProducer(**PRODUCER, bootstrap_servers=bootstrap, client_id="lcbench-producer")
     try:
         started = time.monotonic()
         futures = []

@@ -42,6 +42,19 @@ UNPUBLISHABLE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecor
                  CorruptRecordError)
 
 
+#: The producer's settings (the bench's broker reference uses them too): acks from every
+#: replica, one request in flight, and kafka-python's idempotent producer (its default).
+#: Without it, the Kafka fault test (broker paused and restarted under load) found
+#: events missing from the read models.
+PRODUCER: dict[str, Any] = {"acks": "all", "retries": 10, "linger_ms": 2,
+                            "max_in_flight_requests_per_connection": 1,
+                            "allow_auto_create_topics": False}
+#: How long a batch may take to be acknowledged, flush included, before it fails and is
+#: published again from the recorded position by a new producer. A producer can wait
+#: without end for a broker that restarted empty to give it a producer id.
+PUBLISH_SECONDS = 30
+
+
 def unpublishable(error: BaseException) -> bool:
     """The event itself cannot be published (as opposed to the broker being away)."""
     if isinstance(error, UNPUBLISHABLE):
@@ -52,8 +65,9 @@ def unpublishable(error: BaseException) -> bool:
 class Relay:
     def __init__(self, app: Application[Any], store: ReadModelStore, bootstrap: str, topic: str,
                  partitions: int, batch_size: int = 500, crash_at: str | None = None,
-                 max_request_size: int | None = None):
+                 max_request_size: int | None = None, publish_seconds: float = PUBLISH_SECONDS):
         self.app, self.store, self.topic = app, store, topic
+        self.publish_seconds = publish_seconds
         self.batch_size, self.crash_at = batch_size, crash_at
         self.bootstrap, self.partition_count = bootstrap, partitions
         self.max_request_size = max_request_size or 1048576
@@ -69,10 +83,9 @@ class Relay:
         that restarted without the producer's id answers it with a fatal error, after
         which that producer fails every send, and an emptied broker has no topic."""
         ensure_topic(self.bootstrap, self.topic, self.partition_count)
-        self.producer = KafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", retries=10, linger_ms=2,
-            max_in_flight_requests_per_connection=1, client_id="ledgercore-relay",
-            max_request_size=self.max_request_size, allow_auto_create_topics=False)
+        self.producer = KafkaProducer(**PRODUCER, bootstrap_servers=self.bootstrap,
+                                      client_id="ledgercore-relay",
+                                      max_request_size=self.max_request_size)
         self.partitions = sorted(self.producer.partitions_for(self.topic))
 
     def _reconnect(self) -> None:
@@ -129,10 +142,10 @@ class Relay:
         marks = [self.producer.send(self.topic, value=b"", partition=partition,
                                     headers=watermark_message(last))
                  for partition in self.partitions]
-        self.producer.flush()
+        self.producer.flush(timeout=self.publish_seconds)  # a KafkaTimeoutError fails the batch
         for notification, future in futures:
             try:
-                future.get(timeout=30)  # raises unless the broker acknowledged
+                future.get(timeout=self.publish_seconds)  # raises unless the broker acknowledged
             except Exception as error:
                 if not unpublishable(error):
                     raise
@@ -140,7 +153,7 @@ class Relay:
         # an event of the same aggregate published after one that failed in flight
         # is a known gap: it is logged with the failure, and the requeue comes late
         for future in marks:
-            future.get(timeout=30)
+            future.get(timeout=self.publish_seconds)
         if self.crash_at == "relay_after_publish":
             os._exit(137)
         self._record(parked, last)
@@ -185,8 +198,8 @@ class Relay:
             notification = found[0]
             try:
                 key, value, headers = event_message(notification)
-                self.producer.send(self.topic, key=key, value=value,
-                                   headers=[*headers, ("late", b"1")]).get(timeout=30)
+                self.producer.send(self.topic, key=key, value=value, headers=[
+                    *headers, ("late", b"1")]).get(timeout=self.publish_seconds)
             except Exception as error:
                 if not unpublishable(error):
                     raise

@@ -209,6 +209,48 @@ def test_two_relays_at_once_by_mistake_lose_nothing(
     assert sorted(published) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
 
 
+def test_a_broker_that_stops_answering_fails_the_batch_in_time_and_loses_nothing(
+        new_database: Any, settings_for: Any, stores_for: Any, caplog: Any) -> None:
+    """A batch waits at most ``publish_seconds`` for the broker, its flush included (a
+    producer can otherwise wait without end, as for a restarted broker's producer id).
+    With the broker stopped, the batch fails in time; once it answers again, the
+    relay publishes everything, and nothing is missing."""
+    import signal
+    import threading
+
+    from infra.services import Broker
+
+    broker = Broker().start()
+    topic = f"ledgercore.test.{uuid.uuid4().hex[:8]}"
+    stores = stores_for(settings_for(new_database().dsn, transport="kafka",
+                                     kafka_bootstrap=broker.bootstrap, kafka_topic=topic,
+                                     kafka_partitions=3))
+    relay = Relay(stores.app, stores.read_models, broker.bootstrap, topic, 3, publish_seconds=1)
+    thread = threading.Thread(target=relay.run_forever, daemon=True)
+    try:
+        assert relay.run_once() == 0
+        thread.start()
+        broker.process.send_signal(signal.SIGSTOP)
+        try:
+            append_events(stores, 5)
+            deadline = time.monotonic() + 10
+            while not any("relay batch failed" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the batch still waits for a stopped broker"
+                time.sleep(0.1)
+        finally:
+            broker.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 90
+        while (stores.read_models.max_tracking_id(f"relay|{topic}") or 0) < 5:
+            assert time.monotonic() < deadline, "the relay did not publish after the broker came back"
+            time.sleep(0.2)
+        assert set(published_ids(broker.bootstrap, topic)) == {1, 2, 3, 4, 5}
+    finally:
+        relay.stop()
+        thread.join(timeout=60)
+        relay.close()
+        broker.stop()
+
+
 def test_the_outbox_republish_check_is_due_exactly_when_there_is_work(
         new_database: Any, settings_for: Any, stores_for: Any) -> None:
     """The relay runs the republish transaction only after one query saying there is
