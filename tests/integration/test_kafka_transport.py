@@ -220,34 +220,38 @@ def test_a_broker_that_stops_answering_fails_the_batch_in_time_and_loses_nothing
 
     from infra.services import Broker
 
-    broker = Broker().start()
-    topic = f"ledgercore.test.{uuid.uuid4().hex[:8]}"
-    stores = stores_for(settings_for(new_database().dsn, transport="kafka",
-                                     kafka_bootstrap=broker.bootstrap, kafka_topic=topic,
-                                     kafka_partitions=3))
-    relay = Relay(stores.app, stores.read_models, broker.bootstrap, topic, 3, publish_seconds=1)
-    thread = threading.Thread(target=relay.run_forever, daemon=True)
+    broker = Broker().start()  # its own: it is stopped below
     try:
-        assert relay.run_once() == 0
-        thread.start()
-        broker.process.send_signal(signal.SIGSTOP)
+        topic = f"ledgercore.test.{uuid.uuid4().hex[:8]}"
+        stores = stores_for(settings_for(new_database().dsn, transport="kafka",
+                                         kafka_bootstrap=broker.bootstrap, kafka_topic=topic,
+                                         kafka_partitions=3))
+        relay = Relay(stores.app, stores.read_models, broker.bootstrap, topic, 3,
+                      publish_seconds=1)
+        thread = threading.Thread(target=relay.run_forever, daemon=True)
         try:
-            append_events(stores, 5)
-            deadline = time.monotonic() + 10
-            while not any("relay batch failed" in r.getMessage() for r in caplog.records):
-                assert time.monotonic() < deadline, "the batch still waits for a stopped broker"
-                time.sleep(0.1)
+            assert relay.run_once() == 0
+            thread.start()
+            broker.process.send_signal(signal.SIGSTOP)
+            try:
+                append_events(stores, 5)
+                deadline = time.monotonic() + 10
+                while not any("relay batch failed" in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, "the batch still waits for a stopped broker"
+                    time.sleep(0.1)
+            finally:
+                broker.process.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 90
+            while (stores.read_models.max_tracking_id(f"relay|{topic}") or 0) < 5:
+                assert time.monotonic() < deadline, "the relay did not publish after the broker came back"
+                time.sleep(0.2)
+            assert set(published_ids(broker.bootstrap, topic)) == {1, 2, 3, 4, 5}
         finally:
-            broker.process.send_signal(signal.SIGCONT)
-        deadline = time.monotonic() + 90
-        while (stores.read_models.max_tracking_id(f"relay|{topic}") or 0) < 5:
-            assert time.monotonic() < deadline, "the relay did not publish after the broker came back"
-            time.sleep(0.2)
-        assert set(published_ids(broker.bootstrap, topic)) == {1, 2, 3, 4, 5}
+            relay.stop()
+            if thread.is_alive():
+                thread.join(timeout=60)
+            relay.close()
     finally:
-        relay.stop()
-        thread.join(timeout=60)
-        relay.close()
         broker.stop()
 
 
